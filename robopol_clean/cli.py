@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -28,9 +29,245 @@ class CLIError(Exception):
 
 # --- subcommands (each helper adds its own block below) -------------------------------
 
+def _add_common_reduce_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="robopol", metavar="P",
+                   help="instrument profile: a shipped name or a TOML file (default: robopol)")
+    p.add_argument("--classifier", choices=["cnn", "morphology"], default="cnn",
+                   help="artifact classifier (default: cnn, combined with the orphan-pair cue)")
+    p.add_argument("--threshold", type=_probability, default=None, metavar="T",
+                   help="reject spots with p_artifact >= T (default: 0.5)")
+    p.add_argument("--uncertain-band", type=_probability, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="flag kept spots with LO <= p_artifact < HI as uncertain (default: 0.3 0.5)")
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _add_reduce(sub) -> None:
+    p = sub.add_parser(
+        "reduce", help="reduce frames: mask artifacts, write catalogues, regions and Stokes q/u",
+        description="Reduce FITS frames. For each <stem>.fits, OUTDIR receives <stem>_spots.ecsv, "
+                    "<stem>_stokes.ecsv, <stem>_rejected.reg and <stem>_clean.fits. Inputs may be "
+                    "files, globs, folders or @list.txt files. Exit status: 0 all frames reduced, "
+                    "1 some frames failed (listed in OUTDIR/failures.ecsv), 2 usage error.")
+    p.add_argument("inputs", nargs="+", metavar="FRAME", help="FITS frames, globs, folders or @list.txt")
+    p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
+    _add_common_reduce_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace existing products")
+    p.add_argument("--diagnostic", action="store_true", help="also write <stem>_diagnostic.png")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="local Dask worker processes for several frames (default: one per core)")
+    p.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
+                   help="threads per local Dask worker (default: 1)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="use a running Dask scheduler (tcp://host:8786) instead of a local cluster")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail")
+    p.set_defaults(func=_run_reduce)
+
+
+def _run_reduce(args) -> int:
+    from .batch import expand_inputs, reduce_file, reduce_night, write_night_products
+    from .instrument import ProfileError, load_profile
+    from .io import OutputError, check_writable
+    from .pipeline import get_classifier
+
+    _set_verbosity(args)
+    try:
+        files = expand_inputs(args.inputs)
+        profile = load_profile(args.profile)
+        check_writable(args.outdir)
+    except (FileNotFoundError, ProfileError, OutputError) as exc:
+        raise CLIError(str(exc)) from None
+    options = dict(profile=profile, threshold=args.threshold, uncertain_band=args.uncertain_band,
+                   overwrite=args.overwrite, diagnostic=args.diagnostic)
+    if len(files) == 1 and not args.scheduler:
+        # One frame: no cluster to start, the model is loaded here once.
+        try:
+            classifier = get_classifier(args.classifier)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+        outcomes = [reduce_file(files[0], args.outdir, classifier=classifier, **options)]
+        _report_outcome(outcomes[0])
+    else:
+        outcomes = reduce_night(files, args.outdir, classifier=args.classifier, workers=args.workers,
+                                threads_per_worker=args.threads_per_worker, scheduler=args.scheduler,
+                                progress=None if not args.quiet else False, **options)
+        for outcome in outcomes:
+            if args.verbose or outcome.status == "failed" or outcome.warnings:
+                _report_outcome(outcome)
+    write_night_products(outcomes, args.outdir)
+    failed = [o for o in outcomes if o.status == "failed"]
+    log.info("%d frame(s): %d reduced, %d skipped (already done), %d failed", len(outcomes),
+             sum(o.status == "done" for o in outcomes), sum(o.status == "skipped" for o in outcomes),
+             len(failed))
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _report_outcome(outcome) -> None:
+    for w in outcome.warnings:
+        print(f"robopol-clean: warning: {w}", file=sys.stderr)
+    if outcome.status == "failed":
+        print(f"robopol-clean: error: {outcome.error}", file=sys.stderr)
+    elif outcome.status == "done":
+        s = outcome.summary
+        log.info("%s: %d spots, %d rejected, %d uncertain, %d/%d clean quadruplets (%.1f s)",
+                 outcome.path, s["n_spots"], s["n_rejected"], s["n_uncertain"], s["n_clean"],
+                 s["n_quadruplets"], outcome.seconds)
+    else:
+        log.info("%s: products exist, skipped", outcome.path)
+
+
+def _set_verbosity(args) -> None:
+    level = logging.WARNING if getattr(args, "quiet", False) else (
+        logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    logging.getLogger().setLevel(level)
+    log.setLevel(level)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="simulate a RoboPol frame with artifacts, reduce it and report",
+        description="Simulate a RoboPol frame with reflection artifacts (no download needed), "
+                    "reduce it, write every product plus a diagnostic PNG into OUTDIR, and "
+                    "compare with the simulation's truth. The demo folder is overwritten.")
+    p.add_argument("-o", "--outdir", default="robopol-demo", help="output folder (default: robopol-demo)")
+    p.add_argument("--seed", type=int, default=2026, help="simulation seed (default: 2026)")
+    p.add_argument("--n-stars", type=int, default=600, help="stars in the field (default: 600)")
+    p.add_argument("--classifier", choices=["cnn", "morphology"], default="cnn",
+                   help="artifact classifier (default: cnn)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+    from .io import OutputError
+
+    try:
+        report = run_demo(args.outdir, seed=args.seed, n_stars=args.n_stars,
+                          classifier=args.classifier)
+    except OutputError as exc:
+        raise CLIError(str(exc)) from None
+    print(report)
+    return EXIT_OK
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="simulate frames with reflection artifacts and truth tables",
+        description="Write N simulated frames OUTDIR/sim_0000.fits ... with their truth tables "
+                    "sim_0000_stars.ecsv, sim_0000_spots.ecsv and sim_0000_artifacts.ecsv. "
+                    "The same seed gives the same frames.")
+    p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
+    p.add_argument("--n-frames", type=int, default=1, metavar="N", help="number of frames (default: 1)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="master seed (default: 0)")
+    p.add_argument("--profile", default="robopol", metavar="P",
+                   help="instrument profile: a shipped name or a TOML file (default: robopol)")
+    p.add_argument("--n-stars", type=int, default=None, metavar="N",
+                   help="stars per frame (default: drawn, 150-900 per full detector)")
+    p.add_argument("--size", type=int, default=None, metavar="NX",
+                   help="simulate an NX x NX corner of the detector (default: the whole detector)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(func=_run_simulate)
+
+
+def _run_simulate(args) -> int:
+    from .instrument import ProfileError, load_profile
+    from .io import OutputError
+    from .simulate import simulate_frames
+
+    if args.n_frames < 1:
+        raise CLIError(f"--n-frames must be at least 1, got {args.n_frames}")
+    if args.size is not None and args.size < 16:
+        raise CLIError(f"--size must be at least 16 px, got {args.size}")
+    if args.n_stars is not None and args.n_stars < 0:
+        raise CLIError(f"--n-stars must not be negative, got {args.n_stars}")
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as exc:
+        raise CLIError(str(exc)) from None
+    kw = {"n_stars": args.n_stars}
+    if args.size is not None:
+        kw["shape"] = (args.size, args.size)
+    n_written = 0
+
+    def report(path, sim) -> None:
+        nonlocal n_written
+        n_written += 1
+        art = sim.artifacts
+        n_refl = int(sum(k in ("streak", "ghost") for k in art["kind"]))
+        print(f"{path}: {len(sim.stars)} stars, {n_refl} reflection artifacts, "
+              f"{len(art) - n_refl} other artifacts (seed {sim.ccd.header['SIMSEED']})")
+
+    try:
+        simulate_frames(args.outdir, args.n_frames, args.seed, profile, overwrite=args.overwrite,
+                        callback=report, **kw)
+    except OutputError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"wrote {n_written} simulated frame(s) with truth tables to {args.outdir}")
+    return EXIT_OK
+
+
 
 # --- main ------------------------------------------------------------------------------
-_SUBCOMMANDS: list = []  # filled by the _add_* functions above, in display order
+def _add_label(sub) -> None:
+    p = sub.add_parser(
+        "label", help="write a starting DS9 region file for labelling a frame by hand",
+        description="Reduce FRAME and write every detected spot as a DS9 region coloured by the "
+                    "current decision (red = artifact, orange = uncertain, green = star) and "
+                    "labelled with p_artifact. Correct the colours in DS9 (red for artifacts, "
+                    "green for stars; delete what you cannot judge), save in image coordinates, "
+                    "and give the pair to 'robopol-clean train --ds9 FRAME REGIONS'.")
+    p.add_argument("frame", help="FITS frame")
+    p.add_argument("-o", "--output", default=None,
+                   help="region file to write (default: <stem>_labels.reg beside the frame)")
+    _add_common_reduce_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing region file")
+    p.set_defaults(func=_run_label)
+
+
+def _run_label(args) -> int:
+    from .batch import stem_of
+    from .instrument import ProfileError, load_profile
+    from .io import FrameError, read_frame
+    from .pipeline import DEFAULT_THRESHOLD, DEFAULT_UNCERTAIN_BAND, reduce_frame
+    from .regions_io import spots_to_regions, write_regions
+
+    output = Path(args.output or Path(args.frame).with_name(f"{stem_of(args.frame)}_labels.reg"))
+    if output.exists() and not args.overwrite:
+        raise CLIError(f"{output}: output exists (use --overwrite to replace it)")
+    try:
+        profile = load_profile(args.profile)
+        result = reduce_frame(read_frame(args.frame, profile), profile=profile,
+                              classifier=args.classifier,
+                              threshold=args.threshold or DEFAULT_THRESHOLD,
+                              uncertain_band=args.uncertain_band or DEFAULT_UNCERTAIN_BAND,
+                              name=Path(args.frame).name)
+    except (FrameError, ProfileError) as exc:
+        raise CLIError(str(exc)) from None
+    ccd = result.ccd
+    wcs = ccd.wcs if ccd.wcs is not None and ccd.wcs.has_celestial else None
+    regions = spots_to_regions(result.spots, wcs=wcs, radius=2.0 * result.meta["fwhm"])
+    try:
+        write_regions(regions, output, overwrite=args.overwrite)
+    except OSError as exc:
+        raise CLIError(f"{output}: cannot write ({exc})") from None
+    m = result.meta
+    print(f"{output}: {m['n_spots']} spots ({m['n_rejected']} red = artifact, {m['n_uncertain']} "
+          f"orange = uncertain, {m['n_spots'] - m['n_rejected'] - m['n_uncertain']} green = star)")
+    return EXIT_OK
+
+
+
+#: Subcommands in display order (helpers add their _add_* functions here).
+_SUBCOMMANDS: list = [_add_demo, _add_reduce, _add_simulate, _add_label]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +284,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> logging.Handler:
+    """Python warnings as 'warning: message' lines, without source code excerpts."""
+
+    class _Formatter(logging.Formatter):
+        def format(self, record):
+            text = str(record.args[0] if record.args else record.getMessage())
+            first = text.strip().splitlines()[0]
+            # "file:line: Category: message" -> "message"
+            return "warning: " + first.split(": ", 2)[-1]
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").handlers[:] = [_one_line_warnings()]
+    logging.getLogger("py.warnings").propagate = False
     try:
         return int(args.func(args) or EXIT_OK)
     except CLIError as exc:

@@ -1,0 +1,232 @@
+"""Reading frames safely and writing outputs atomically.
+
+Every user-caused problem becomes a :class:`FrameError` (bad input) or an
+:class:`OutputError` (bad output location) whose message names the file and the
+problem in one line. Outputs go to a temporary file in the destination folder and are
+moved into place with :func:`os.replace`, so a crash never leaves a partial file and
+an interrupted run can be resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.nddata import CCDData
+from astropy.utils.exceptions import AstropyWarning
+
+from .instrument import InstrumentProfile
+
+__all__ = [
+    "FrameError",
+    "OutputError",
+    "MIN_FRAME_SIZE",
+    "read_frame",
+    "frame_from_ccd",
+    "atomic_path",
+    "write_atomic",
+    "check_writable",
+]
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+#: Frames smaller than this along either axis cannot hold a four-spot pattern.
+MIN_FRAME_SIZE = 128
+
+
+class FrameError(ValueError):
+    """An input frame cannot be used; the message names the file and the problem."""
+
+
+class OutputError(OSError):
+    """An output cannot be written (exists, or the folder is not writable)."""
+
+
+def read_frame(path: str | os.PathLike, profile: InstrumentProfile, *, hdu: int | None = None) -> CCDData:
+    """Read one frame into a float32 `~astropy.nddata.CCDData` in ADU, checked for use.
+
+    The first HDU holding 2-D image data is used unless ``hdu`` is given. Integer and
+    big-endian data are converted to native float32; NaN and infinite pixels are masked.
+    The input file is opened read-only and never modified.
+
+    Parameters
+    ----------
+    path : path-like
+        FITS file.
+    profile : InstrumentProfile
+        Supplies GAIN, RDNOISE and EXPTIME when the header lacks them (with a warning).
+    hdu : int, optional
+        HDU index to read.
+
+    Returns
+    -------
+    CCDData
+
+    Raises
+    ------
+    FrameError
+        Not a FITS file, no 2-D image, a frame too small, or no finite pixels.
+    """
+    path = Path(path)
+    name = str(path)
+    if not path.is_file():
+        raise FrameError(f"{name}: no such file")
+    try:
+        with fits.open(path, mode="readonly", memmap=False) as hdul:
+            hdul.verify("silentfix")
+            index = _image_hdu(hdul, name) if hdu is None else hdu
+            if not 0 <= index < len(hdul):
+                raise FrameError(f"{name}: HDU {index} does not exist ({len(hdul)} HDUs)")
+            data = hdul[index].data
+            header = hdul[index].header.copy()
+            if index > 0:  # inherit primary keywords (GAIN, EXPTIME often live there)
+                for card in hdul[0].header.cards:
+                    if card.keyword not in header and card.keyword not in ("SIMPLE", "EXTEND", "NAXIS"):
+                        header.append(card)
+            if data is None:
+                raise FrameError(f"{name}: HDU {index} holds no data")
+            data = np.array(data)  # a copy, independent of the file
+    except FrameError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:
+        raise FrameError(f"{name}: not a readable FITS file ({_short(exc)})") from None
+    return frame_from_ccd(CCDData(_as_float(data, name), unit="adu", meta=header), profile, name=name)
+
+
+def frame_from_ccd(ccd: CCDData, profile: InstrumentProfile, *, name: str = "frame") -> CCDData:
+    """Check a `~astropy.nddata.CCDData` and return a float32 copy ready for reduction.
+
+    Masks non-finite pixels (OR-ed with any existing mask) and fills in GAIN, RDNOISE
+    and EXPTIME from the profile, with a warning, when the header lacks them.
+
+    Raises
+    ------
+    FrameError
+        Wrong dimensionality, too small, or no finite pixels.
+    """
+    data = _as_float(np.asarray(ccd.data), name)
+    ny, nx = data.shape
+    if min(ny, nx) < MIN_FRAME_SIZE:
+        raise FrameError(f"{name}: frame of {nx} x {ny} px is too small (need at least "
+                         f"{MIN_FRAME_SIZE} x {MIN_FRAME_SIZE})")
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise FrameError(f"{name}: no finite pixels (all NaN or infinite)")
+    mask = ~finite
+    if ccd.mask is not None:
+        if np.shape(ccd.mask) != data.shape:
+            raise FrameError(f"{name}: mask shape {np.shape(ccd.mask)} differs from data {data.shape}")
+        mask |= np.asarray(ccd.mask, bool)
+    meta = ccd.meta.copy()
+    missing = []
+    for key, value in (("GAIN", profile.gain), ("RDNOISE", profile.read_noise),
+                       ("EXPTIME", profile.default_exptime)):
+        if not _positive_number(meta.get(key)) and not (key == "RDNOISE" and meta.get(key) == 0):
+            meta[key] = value
+            missing.append(f"{key}={value:g}")
+    if missing:
+        warnings.warn(f"{name}: header lacks {', '.join(k.split('=')[0] for k in missing)}; "
+                      f"using {profile.name} profile values ({', '.join(missing)})", AstropyWarning,
+                      stacklevel=2)
+    data = np.where(finite, data, np.float32(0.0))
+    return CCDData(data, unit=ccd.unit or "adu", mask=mask if mask.any() else None, meta=meta,
+                   uncertainty=ccd.uncertainty, wcs=ccd.wcs)
+
+
+def _image_hdu(hdul, name: str) -> int:
+    dims = []
+    for i, h in enumerate(hdul):
+        if not isinstance(h, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+            continue
+        shape = h.shape if h.header.get("NAXIS", 0) else ()
+        if len(shape) == 2:
+            return i
+        if len(shape) == 3 and shape[0] == 1:
+            return i
+        dims.append(len(shape))
+    if any(d > 2 for d in dims):
+        raise FrameError(f"{name}: image data is {max(dims)}-D; expected a 2-D frame")
+    raise FrameError(f"{name}: no image data (empty HDUs)")
+
+
+def _as_float(data: np.ndarray, name: str) -> np.ndarray:
+    data = np.asarray(data)
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        raise FrameError(f"{name}: image data is {data.ndim}-D; expected a 2-D frame")
+    if data.dtype.kind not in "iuf":
+        raise FrameError(f"{name}: unsupported pixel type {data.dtype}")
+    return data.astype(np.float32, copy=True)  # native byte order, independent copy
+
+
+def _positive_number(value) -> bool:
+    try:
+        return float(value) > 0 and np.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------
+# Atomic output
+# ---------------------------------------------------------------------------------
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and check that files can be written in it.
+
+    Raises
+    ------
+    OutputError
+        If the folder cannot be created or written.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only on success.
+
+    Raises
+    ------
+    OutputError
+        If ``path`` exists and ``overwrite`` is false, or the folder is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: output exists (use overwrite to replace it)")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write in {path.parent} ({exc.strerror or exc})") from None
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool = False) -> Path:
+    """Call ``write(tmp_path)`` and atomically move the result to ``path``."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        write(tmp)
+    return Path(path)

@@ -1,0 +1,367 @@
+"""Every figure the package makes, in one place (matplotlib, Agg-safe).
+
+Functions take data and an output path or an Axes; none reads files or runs a stage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["zscale_limits", "plot_frame_diagnostic", "plot_night_report"]
+
+
+def zscale_limits(data: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
+    """Display limits from astropy's ZScale on the finite, unmasked pixels."""
+    from astropy.visualization import ZScaleInterval
+
+    values = np.asarray(data, float)
+    good = np.isfinite(values) if mask is None else np.isfinite(values) & ~np.asarray(mask, bool)
+    sample = values[good][:: max(1, good.sum() // 200_000)]
+    if sample.size == 0:
+        return 0.0, 1.0
+    return ZScaleInterval().get_limits(sample)
+
+
+def plot_frame_diagnostic(result, path=None, *, ax=None, title: str | None = None):
+    """The frame with clean quadruplets marked and rejected spots circled.
+
+    Parameters
+    ----------
+    result : FrameResult
+        A reduced frame (see `robopol_clean.pipeline.reduce_frame`).
+    path : path-like, optional
+        Where to save a PNG; the figure is returned either way.
+    ax : matplotlib Axes, optional
+        Draw into an existing Axes.
+    title : str, optional
+        Figure title (default: frame name and counts).
+    """
+    import matplotlib
+
+    if ax is None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import EllipseCollection
+
+    data = np.asarray(result.ccd.data, float)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 8), dpi=110)
+    else:
+        fig = ax.figure
+    vmin, vmax = zscale_limits(data)
+    ax.imshow(data, origin="lower", cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    art = result.artifact_mask
+    if art is not None and art.any():
+        overlay = np.ma.masked_where(~art, np.ones_like(data))
+        ax.imshow(overlay, origin="lower", cmap="autumn", alpha=0.35, interpolation="nearest")
+    spots, stokes = result.spots, result.stokes
+    r = 2.5 * float(result.meta.get("fwhm", 4.0))
+
+    def circles(x, y, color, lw, size):
+        if len(x):
+            ax.add_collection(EllipseCollection(
+                np.full(len(x), 2 * size), np.full(len(x), 2 * size), np.zeros(len(x)),
+                units="xy", offsets=np.column_stack([x, y]), offset_transform=ax.transData,
+                facecolors="none", edgecolors=color, linewidths=lw))
+
+    if len(stokes):
+        ax.plot(stokes["x"], stokes["y"], "+", color="lime", ms=7, mew=1.0, label="clean quadruplet")
+    if len(spots):
+        rej = np.asarray(spots["rejected"], bool)
+        unc = np.asarray(spots["uncertain"], bool)
+        circles(np.asarray(spots["x"])[rej], np.asarray(spots["y"])[rej], "red", 1.3, r)
+        circles(np.asarray(spots["x"])[unc], np.asarray(spots["y"])[unc], "orange", 1.0, r)
+        ax.plot([], [], "o", mfc="none", mec="red", label="rejected (artifact)")
+        ax.plot([], [], "o", mfc="none", mec="orange", label="uncertain")
+    ax.set_xlim(-0.5, data.shape[1] - 0.5)
+    ax.set_ylim(-0.5, data.shape[0] - 0.5)
+    ax.set_xlabel("x [pix]")
+    ax.set_ylabel("y [pix]")
+    m = result.meta
+    ax.set_title(title or f"{m.get('frame', '')}: {m['n_spots']} spots, {m['n_rejected']} rejected, "
+                          f"{m['n_clean']} clean quadruplets", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.7)
+    if path is not None:
+        fig.savefig(path, bbox_inches="tight")
+    return fig
+
+
+def plot_night_report(p_artifact, snr, frames, rejection_rates, path=None):
+    """Night overview: p_artifact of every source, and the rejection rate per frame.
+
+    Parameters
+    ----------
+    p_artifact : ndarray
+        Scores of all spots of the night.
+    snr : ndarray
+        Their peak signal-to-noise (sigma above the sky noise floor).
+    frames : list of str
+        Frame names, in order.
+    rejection_rates : list of float
+        Fraction of spots rejected in each frame.
+    path : path-like, optional
+        Where to save a PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
+    p = np.asarray(p_artifact, float)
+    snr = np.asarray(snr, float)
+    axes[0].hist(p, bins=np.linspace(0, 1, 41), color="0.3")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("p_artifact")
+    axes[0].set_ylabel("spots")
+    axes[0].set_title(f"{len(p)} sources in {len(frames)} frames", fontsize=10)
+    bins = np.logspace(np.log10(max(snr.min(), 1.0)), np.log10(max(snr.max(), 10.0)), 40) if len(snr) else 10
+    rej = p >= 0.5
+    axes[1].hist([snr[~rej], snr[rej]], bins=bins, stacked=True, color=["0.5", "red"],
+                 label=["kept", "rejected"])
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("peak S/N (sigma above the sky noise floor)")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(np.arange(len(rejection_rates)), 100 * np.asarray(rejection_rates), "o-", ms=3)
+    axes[2].set_xlabel("frame index")
+    axes[2].set_ylabel("rejected spots [%]")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, format="png")
+        plt.close(fig)
+    return fig
+
+
+# ---------------------------------------------------------------------------------
+# Training and evaluation figures of the CNN (owner: cnn). Object-oriented matplotlib
+# (``Figure``, no pyplot state), so they are safe in threads and without a display.
+# ---------------------------------------------------------------------------------
+__all__ += [
+    "save_figure",
+    "plot_training_history",
+    "plot_confusion_matrix",
+    "plot_roc",
+    "plot_reliability",
+    "plot_cutout_gallery",
+    "plot_saliency_gallery",
+    "plot_probability_histogram",
+]
+
+
+def save_figure(fig, path) -> None:
+    """Write ``fig`` as a PNG through a temporary file moved into place (replacing ``path``)."""
+    from .io import write_atomic
+
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"), overwrite=True)
+
+
+def _new_figure(ncols: int = 1, nrows: int = 1, *, size=(5.0, 4.0), dpi: int = 100):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), dpi=dpi, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def plot_training_history(history: dict, path=None):
+    """Loss and accuracy (and AUC when recorded) per epoch, training vs validation.
+
+    Parameters
+    ----------
+    history : dict
+        ``keras.callbacks.History.history``: lists keyed ``loss``, ``val_loss``,
+        ``accuracy``, ``val_accuracy``, optionally ``auc``, ``val_auc``.
+    path : path-like, optional
+        PNG to write. The figure is returned either way.
+    """
+    panels = [k for k in ("loss", "accuracy", "auc") if k in history]
+    fig, axes = _new_figure(max(1, len(panels)), size=(4.2, 3.4))
+    for ax, key in zip(axes[0], panels):
+        epochs = np.arange(1, len(history[key]) + 1)
+        ax.plot(epochs, history[key], "o-", ms=3, label="training")
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], "s-", ms=3, label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("binary cross-entropy" if key == "loss" else key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle("Training history")
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_confusion_matrix(cm, path=None, *, labels=("star", "artifact"), threshold: float | None = None):
+    """2 x 2 confusion matrix with counts and row-normalised fractions in brackets.
+
+    Parameters
+    ----------
+    cm : array-like, shape (2, 2)
+        ``cm[true, predicted]`` counts (0 = star, 1 = artifact).
+    """
+    cm = np.asarray(cm, float)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    fig, axes = _new_figure(size=(4.2, 3.8))
+    ax = axes[0, 0]
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{int(cm[i, j])}\n({frac[i, j]:.3f})", ha="center", va="center",
+                    color="white" if frac[i, j] > 0.6 else "black", fontsize=12)
+    ax.set_xticks([0, 1], [f"predicted {s}" for s in labels])
+    ax.set_yticks([0, 1], [f"true {s}" for s in labels])
+    ax.set_title("Confusion matrix" + ("" if threshold is None else f" (threshold {threshold:.2f})"))
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_roc(labels, p, path=None):
+    """ROC curve with its AUC, and TPR / FPR against the decision threshold."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels = np.asarray(labels, int)
+    p = np.asarray(p, float)
+    fig, axes = _new_figure(2, size=(4.2, 3.8))
+    ax, ax2 = axes[0]
+    if len(np.unique(labels)) == 2:
+        fpr, tpr, thr = roc_curve(labels, p)
+        auc = roc_auc_score(labels, p)
+        ax.plot(fpr, tpr, lw=2, label=f"AUC = {auc:.4f}")
+        ok = np.isfinite(thr) & (thr <= 1)
+        ax2.plot(thr[ok], tpr[ok], label="true-positive rate (artifacts caught)")
+        ax2.plot(thr[ok], fpr[ok], label="false-positive rate (stars rejected)")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("ROC")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    ax2.set_xlabel("threshold on p_artifact")
+    ax2.set_ylabel("rate")
+    ax2.set_xlim(0, 1)
+    ax2.set_title("Rates vs threshold")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_reliability(labels, p, path=None, *, n_bins: int = 10):
+    """Reliability diagram: observed artifact fraction against predicted probability."""
+    labels = np.asarray(labels, float)
+    p = np.asarray(p, float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.digitize(p, edges) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    mean_p = np.bincount(idx, weights=p, minlength=n_bins) / np.maximum(count, 1)
+    frac = np.bincount(idx, weights=labels, minlength=n_bins) / np.maximum(count, 1)
+    fig, axes = _new_figure(size=(4.5, 4.2))
+    ax = axes[0, 0]
+    ok = count > 0
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfectly calibrated")
+    ax.plot(mean_p[ok], frac[ok], "o-", label="model")
+    for xm, fr, c in zip(mean_p[ok], frac[ok], count[ok]):
+        ax.annotate(str(int(c)), (xm, fr), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    ax.set_xlabel("mean predicted p_artifact")
+    ax.set_ylabel("fraction that are artifacts")
+    ax.set_title("Reliability (numbers: cutouts per bin)")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_cutout_gallery(cutouts, p, labels=None, path=None, *, title: str = "", ncols: int = 8,
+                        captions=None):
+    """A grid of cutouts, each captioned with its p_artifact (and true label).
+
+    Parameters
+    ----------
+    cutouts : ndarray, shape (n, size, size)
+        Normalised cutouts (shown with origin at the bottom, FITS orientation).
+    p : ndarray, shape (n,)
+        Artifact probabilities.
+    labels : ndarray, optional
+        True labels (0 star, 1 artifact); a wrong decision is captioned in red.
+    captions : list of str, optional
+        Extra text per cutout (e.g. kind and SNR).
+    """
+    cutouts = np.asarray(cutouts, float)
+    if cutouts.ndim == 4:
+        cutouts = cutouts[..., 0]
+    n = len(cutouts)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = _new_figure(ncols, nrows, size=(1.5, 1.65))
+    for k, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if k >= n:
+            continue
+        ax.imshow(cutouts[k], origin="lower", cmap="gray", interpolation="nearest")
+        text = f"p={p[k]:.2f}"
+        color = "black"
+        if labels is not None:
+            text += " A" if labels[k] else " S"
+            color = "red" if (p[k] >= 0.5) != bool(labels[k]) else "black"
+        if captions is not None:
+            text += f"\n{captions[k]}"
+        ax.set_title(text, fontsize=7, color=color)
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_saliency_gallery(cutouts, saliency, p, path=None, *, title: str = "Saliency", ncols: int = 6):
+    """Pairs of (cutout, saliency map) with p_artifact captions."""
+    cutouts = np.asarray(cutouts, float)
+    if cutouts.ndim == 4:
+        cutouts = cutouts[..., 0]
+    n = len(cutouts)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = _new_figure(2 * ncols, nrows, size=(1.4, 1.55))
+    for k in range(nrows * ncols):
+        a_img, a_sal = axes[k // ncols, 2 * (k % ncols)], axes[k // ncols, 2 * (k % ncols) + 1]
+        a_img.set_axis_off()
+        a_sal.set_axis_off()
+        if k >= n:
+            continue
+        a_img.imshow(cutouts[k], origin="lower", cmap="gray", interpolation="nearest")
+        a_sal.imshow(saliency[k], origin="lower", cmap="inferno", interpolation="nearest")
+        a_img.set_title(f"p={p[k]:.2f}", fontsize=7)
+        a_sal.set_title("|dp/dx|", fontsize=7)
+    fig.suptitle(title)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_probability_histogram(p, labels=None, path=None, *, threshold: float | None = 0.5):
+    """Histogram of p_artifact (per true class when labels are given; log counts)."""
+    p = np.asarray(p, float)
+    bins = np.linspace(0, 1, 41)
+    fig, axes = _new_figure(size=(5.5, 3.8))
+    ax = axes[0, 0]
+    if labels is None:
+        ax.hist(p, bins=bins, color="gray")
+    else:
+        labels = np.asarray(labels, int)
+        ax.hist(p[labels == 0], bins=bins, alpha=0.6, label=f"stars ({np.sum(labels == 0)})")
+        ax.hist(p[labels == 1], bins=bins, alpha=0.6, label=f"artifacts ({np.sum(labels == 1)})")
+        ax.legend()
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("p_artifact")
+    ax.set_ylabel("cutouts")
+    ax.set_title("Predicted artifact probability")
+    if path is not None:
+        save_figure(fig, path)
+    return fig

@@ -1,0 +1,47 @@
+"""Shared fixtures: small simulated frames made in well under a second, and the real frame."""
+
+from pathlib import Path
+
+import pytest
+
+from robopol_clean.instrument import load_profile
+
+#: The read-only reference folder beside the checkout (absent for users and wheels).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def profile():
+    return load_profile("robopol")
+
+
+@pytest.fixture(scope="session")
+def small_sim(profile):
+    """A 768 x 768 corner of a RoboPol frame with stars and reflection artifacts."""
+    from robopol_clean.simulate import simulate_frame
+
+    return simulate_frame(profile, seed=11, shape=(768, 768), n_stars=90)
+
+
+@pytest.fixture(scope="session")
+def small_fits(small_sim, tmp_path_factory):
+    """``small_sim`` written to a FITS file (read-only use: copy before changing)."""
+    path = tmp_path_factory.mktemp("frames") / "small.fits"
+    small_sim.ccd.write(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def morphology():
+    from robopol_clean.classify import MorphologyClassifier
+
+    return MorphologyClassifier()
+
+
+@pytest.fixture(scope="session")
+def real_frame():
+    """The real J1428 frame (8-bit rendering) and its labels; skipped when absent."""
+    path = SHARED_DATA / "J1428.fits"
+    if not path.exists():
+        pytest.skip("the real RoboPol frame (../shared/data) is not available")
+    return SHARED_DATA

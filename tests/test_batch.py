@@ -1,0 +1,57 @@
+"""Whole nights on a real Dask LocalCluster (worker processes)."""
+
+import shutil
+
+import pytest
+from astropy.table import Table
+
+from robopol_clean.batch import expand_inputs, reduce_night, stem_of, write_night_products
+from robopol_clean.cli import EXIT_FAILURE, main
+
+
+@pytest.fixture(scope="module")
+def night(small_fits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("night")
+    for i in range(3):
+        shutil.copy(small_fits, folder / f"frame{i}.fits")
+    (folder / "frame_corrupt.fits").write_bytes(b"SIMPLE  =                    T" + b"\0" * 100)
+    return folder
+
+
+def test_expand_inputs(night, tmp_path):
+    files = expand_inputs([str(night)])
+    assert len(files) == 4
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# frames\n{files[0]}\n{files[1]}\n")
+    assert expand_inputs([f"@{listing}", str(night / "frame0.fits")]) == files[:2]
+    assert expand_inputs([str(night / "frame[12].fits")]) == files[1:3]
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        expand_inputs([str(night / "*.fz")])
+    assert stem_of("a/b/x.fits.gz") == "x" and stem_of("y.FIT") == "y"
+
+
+@pytest.mark.slow
+def test_night_on_local_cluster_with_corrupt_frame_and_resume(night, tmp_path):
+    out = tmp_path / "out"
+    files = expand_inputs([str(night)])
+    outcomes = reduce_night(files, out, classifier="morphology", workers=2, progress=False)
+    status = {stem_of(o.path): o.status for o in outcomes}
+    assert status == {"frame0": "done", "frame1": "done", "frame2": "done", "frame_corrupt": "failed"}
+    written = write_night_products(outcomes, out)
+    assert {"summary", "stokes_all", "failures", "night_report"} <= set(written)
+    summary = Table.read(out / "summary.ecsv")
+    assert len(summary) == 3 and (summary["n_clean"] > 0).all()
+    stokes_all = Table.read(out / "stokes_all.ecsv")
+    assert len(stokes_all) == summary["n_clean"].sum() and "frame" in stokes_all.colnames
+    failures = Table.read(out / "failures.ecsv")
+    assert list(failures["file"]) == [str(night / "frame_corrupt.fits")]
+    assert not list(out.glob("frame_corrupt*"))  # no partial products
+    assert not list(out.glob(".*part"))
+
+    # Resume: the same command skips what is done and still reports the corrupt frame.
+    stamp = (out / "frame0_spots.ecsv").stat().st_mtime_ns
+    code = main(["reduce", str(night), "-o", str(out), "--classifier", "morphology",
+                 "--workers", "2", "-q"])
+    assert code == EXIT_FAILURE
+    assert (out / "frame0_spots.ecsv").stat().st_mtime_ns == stamp
+    assert len(Table.read(out / "summary.ecsv")) == 3

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from robopol_clean.classify import (
+    FrameScene,
+    MorphologyClassifier,
+    decide,
+    morphology_score,
+    noisy_or,
+    orphan_score,
+)
+from robopol_clean.instrument import load_profile
+
+PROFILE = load_profile("robopol")
+SIGMA = 4.3 / 2.355
+
+
+def _gauss(img, x, y, flux, sx=SIGMA, sy=SIGMA):
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    img += flux / (2 * np.pi * sx * sy) * np.exp(-0.5 * (((xx - x) / sx) ** 2 + ((yy - y) / sy) ** 2))
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A 600x600 corner of the detector: one star pattern, one orphan LR pair, one faint orphan."""
+    rng = np.random.default_rng(0)
+    img = np.zeros((600, 600), np.float32)
+    star = (300.0, 300.0)
+    pos = PROFILE.spot_positions(*star)
+    xs, ys = [], []
+    for ch in PROFILE.channels:
+        _gauss(img, pos[ch][0], pos[ch][1], 20000.0)
+        xs.append(float(pos[ch][0]))
+        ys.append(float(pos[ch][1]))
+    # An orphan pair placed like a left-right pair, with no top-bottom partners.
+    pair = PROFILE.spot_positions(200.0, 480.0)
+    for ch in ("left", "right"):
+        _gauss(img, pair[ch][0], pair[ch][1], 20000.0)
+        xs.append(float(pair[ch][0]))
+        ys.append(float(pair[ch][1]))
+    # A faint isolated spot whose partners would be lost in the noise anyway.
+    _gauss(img, 480.0, 120.0, 150.0)
+    xs.append(480.0)
+    ys.append(120.0)
+    rms = np.full(img.shape, 10.0, np.float32)
+    img += rng.normal(0, 10.0, img.shape).astype(np.float32)
+    n = len(xs)
+    spots = Table({"x": xs, "y": ys, "peak": np.full(n, 1000.0), "snr": [100.0] * 6 + [3.0],
+                   "group_id": [0, 0, 0, 0, -1, -1, -1]})
+    return FrameScene(img, np.zeros_like(img), rms, spots, PROFILE, PROFILE.geometry, 4.3)
+
+
+def test_orphan_cue_flags_pair_not_star(scene):
+    p, best = orphan_score(scene)
+    assert np.all(p[:4] < 0.05), p  # the star's spots have all their partners
+    assert list(best[:4]) == list(PROFILE.channels)
+    assert np.all(p[4:6] > 0.9), p  # a bright pair with no partners
+    assert p[6] < 0.1  # a faint spot: no evidence either way
+
+
+def test_orphan_cue_ignores_partners_hidden_by_mask(scene):
+    hidden = np.zeros(scene.data.shape, bool)
+    pair = PROFILE.spot_positions(200.0, 480.0)
+    for ch in ("top", "bottom"):
+        x, y = (int(round(float(v))) for v in pair[ch])
+        hidden[max(0, y - 8): y + 8, max(0, x - 8): x + 8] = True
+    masked = FrameScene(scene.data, scene.background, scene.background_rms, scene.spots, PROFILE,
+                        PROFILE.geometry, scene.fwhm, hidden)
+    p, _ = orphan_score(masked)
+    assert np.all(p[4:6] < 0.05)  # partners unobservable: no evidence
+
+
+def test_morphology_scores():
+    spots = Table({
+        "elongation": [1.05, 3.5, 1.1, 1.0, 1.2],
+        "fwhm": [4.3, 8.0, 1.2, 4.4, 4.2],
+        "asymmetry": [0.02, 0.6, 0.0, 0.01, 0.05],
+        "snr": [80.0, 80.0, 80.0, 4.0, 50.0],
+        "saturated": [False] * 5,
+        "group_id": [0, -1, -1, -1, 0],
+    })
+    s = morphology_score(spots, fwhm=4.3)
+    assert s["p_morph"][0] < 0.1  # a round star
+    assert s["p_morph"][1] > 0.9  # a lopsided streak
+    assert s["p_sharp"][2] > 0.9  # a cosmic ray
+    assert s["p_morph"][3] < 0.2  # faint round spot
+    assert s["p_morph"][4] < 0.1
+
+
+def test_morphology_classifier_combines_cue(scene):
+    scene.spots["elongation"] = 1.0
+    scene.spots["fwhm"] = 4.3
+    scene.spots["asymmetry"] = 0.0
+    scene.spots["saturated"] = False
+    scores = MorphologyClassifier().score(scene)
+    assert np.all(scores["p_artifact"][:4] < 0.1)
+    assert np.all(scores["p_artifact"][4:6] > 0.9)
+    no_cue = MorphologyClassifier(use_orphan_cue=False).score(scene)
+    assert np.all(no_cue["p_artifact"][4:6] < 0.1)  # round spots look like stars on their own
+
+
+def test_decide_and_combine():
+    rej, unc = decide(np.array([0.1, 0.35, 0.5, 0.9]), 0.5, (0.3, 0.5))
+    assert rej.tolist() == [False, False, True, True]
+    assert unc.tolist() == [False, True, False, False]
+    np.testing.assert_allclose(noisy_or(np.array([0.5]), np.array([0.5])), [0.75])

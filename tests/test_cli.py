@@ -1,0 +1,107 @@
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from regions import Regions
+
+from robopol_clean.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+
+PRODUCTS = ("_spots.ecsv", "_stokes.ecsv", "_rejected.reg", "_clean.fits")
+
+
+def _reduce(*args):
+    return main(["reduce", *map(str, args), "--classifier", "morphology", "-q"])
+
+
+def test_help_everywhere(capsys):
+    for cmd in ([], ["reduce"], ["demo"]):
+        with pytest.raises(SystemExit) as info:
+            main([*cmd, "--help"])
+        assert info.value.code == 0
+    assert "reduce" in capsys.readouterr().out
+
+
+def test_reduce_writes_documented_products(small_fits, tmp_path):
+    frame = tmp_path / "night1.fits"
+    shutil.copy(small_fits, frame)
+    before = frame.read_bytes()
+    out = tmp_path / "out"
+    assert _reduce(frame, "-o", out) == EXIT_OK
+    assert frame.read_bytes() == before
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n.startswith("night1")] == sorted("night1" + s for s in PRODUCTS)
+    spots = Table.read(out / "night1_spots.ecsv")
+    stokes = Table.read(out / "night1_stokes.ecsv")
+    assert spots["x"].unit == "pix" and spots["flux"].unit == "electron"
+    assert set(stokes["group_id"]) <= set(spots["group_id"][spots["group_id"] >= 0])
+    regions = Regions.read(out / "night1_rejected.reg", format="ds9")
+    rejected = spots[spots["rejected"]]
+    assert len(regions) == len(rejected)
+    if len(regions):
+        centres = np.array([[r.center.x, r.center.y] for r in regions])
+        np.testing.assert_allclose(np.sort(centres[:, 0]), np.sort(rejected["x"]), atol=0.01)
+    with fits.open(out / "night1_clean.fits") as hdul:
+        assert hdul[0].header["RCLNSPOT"] == len(spots)
+        assert hdul["MASK"].data.shape == hdul[0].data.shape
+
+
+def test_refuses_to_overwrite(small_fits, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _reduce(small_fits, "-o", out) == EXIT_OK
+    stamp = (out / "small_spots.ecsv").stat().st_mtime_ns
+    assert _reduce(small_fits, "-o", out) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "small_spots.ecsv: output exists" in err
+    assert (out / "small_spots.ecsv").stat().st_mtime_ns == stamp
+    assert _reduce(small_fits, "-o", out, "--overwrite") == EXIT_OK
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"not a fits file at all", "not a readable FITS file"), (b"", "not a readable FITS file")],
+)
+def test_bad_file_one_line_error(tmp_path, capsys, content, message):
+    bad = tmp_path / "broken.fits"
+    bad.write_bytes(content)
+    assert _reduce(bad, "-o", tmp_path / "out") == EXIT_FAILURE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(str(bad) in line and message in line for line in err)
+    assert not any(line.startswith("Traceback") for line in err)
+    assert not list((tmp_path / "out").glob("broken*"))
+    failures = Table.read(tmp_path / "out" / "failures.ecsv")
+    assert list(failures["file"]) == [str(bad)]
+
+
+def test_usage_errors(tmp_path, capsys):
+    assert _reduce(tmp_path / "nothing-*.fits", "-o", tmp_path) == EXIT_USAGE
+    assert "no file matches" in capsys.readouterr().err
+    assert main(["reduce", "x.fits", "-o", str(tmp_path), "--profile", "nope"]) == EXIT_USAGE
+    assert "nope" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert _reduce(tmp_path / "x.fits", "-o", blocker / "sub") == EXIT_USAGE
+    assert "not writable" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["reduce", "x.fits", "-o", str(tmp_path), "--threshold", "3"])
+    assert info.value.code == 2
+
+
+def test_missing_header_keywords_warn(small_fits, tmp_path, capsys):
+    frame = tmp_path / "nohdr.fits"
+    with fits.open(small_fits) as hdul:
+        data = hdul[0].data
+    fits.PrimaryHDU(data).writeto(frame)
+    assert _reduce(frame, "-o", tmp_path / "out") == EXIT_OK
+    err = capsys.readouterr().err
+    assert "header lacks GAIN" in err
+
+
+def test_console_script_runs():
+    exe = shutil.which("robopol-clean")
+    cmd = [exe] if exe else [sys.executable, "-m", "robopol_clean.cli"]
+    done = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=True)
+    assert "robopol-clean" in done.stdout

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+
+from robopol_clean.masking import (
+    ARTIFACT,
+    INSTRUMENT_MASK,
+    SATURATED,
+    apertures_touch_mask,
+    bitmask_from,
+    combine_masks,
+    disk_structure,
+    footprint_mask,
+)
+
+
+@pytest.fixture
+def segmentation():
+    seg = np.zeros((64, 80), int)
+    seg[10:13, 10:30] = 1  # a streak
+    seg[40:44, 50:54] = 2  # a star
+    seg[50:52, 5:8] = 5
+    return seg
+
+
+def test_footprint_mask_selects_labels(segmentation):
+    m = footprint_mask(segmentation.shape, segmentation, [1, 5], dilate=0)
+    assert m.dtype == bool and m.shape == segmentation.shape
+    np.testing.assert_array_equal(m, np.isin(segmentation, [1, 5]))
+    assert not m[40:44, 50:54].any()
+
+
+def test_footprint_mask_dilation(segmentation):
+    m = footprint_mask(segmentation.shape, segmentation, np.array([1]), dilate=2)
+    assert m[8, 20] and m[14, 20] and m[11, 8] and m[11, 31]  # grown by 2 px
+    assert not m[7, 20] and not m[11, 32]
+    assert not m[8, 8]  # disk, not square: the corner is further than 2 px
+    # dilation near the frame edge stays inside the frame
+    seg = np.zeros((20, 20), int)
+    seg[0, 0] = 3
+    m = footprint_mask((20, 20), seg, [3], dilate=3)
+    assert m[3, 0] and m[0, 3] and not m[3, 3]
+    assert m.sum() == disk_structure(3)[3:, 3:].sum()
+
+
+def test_footprint_mask_empty_and_errors(segmentation):
+    assert not footprint_mask(segmentation.shape, segmentation, []).any()
+    assert not footprint_mask(segmentation.shape, segmentation, [0, 99]).any()
+    with pytest.raises(ValueError, match="shape"):
+        footprint_mask((10, 10), segmentation, [1])
+    with pytest.raises(ValueError, match="dilate"):
+        footprint_mask(segmentation.shape, segmentation, [1], dilate=-1)
+
+
+def test_combine_masks_ors_without_mutating():
+    a = np.zeros((4, 4), bool)
+    a[0, 0] = True
+    b = np.zeros((4, 4), bool)
+    b[3, 3] = True
+    c = combine_masks(a, b)
+    assert c[0, 0] and c[3, 3] and c.sum() == 2
+    assert a.sum() == 1 and b.sum() == 1  # inputs untouched
+    d = combine_masks(None, b)
+    assert d is not b and np.array_equal(d, b)
+    assert combine_masks(None, None) is None
+    assert np.array_equal(combine_masks(a, None), a)
+    with pytest.raises(ValueError, match="shapes"):
+        combine_masks(a, np.zeros((3, 3), bool))
+
+
+def test_apertures_touch_mask():
+    mask = np.zeros((50, 50), bool)
+    mask[25, 30] = True
+    x = np.array([25.0, 25.0, 10.0, 30.0])
+    y = np.array([25.0, 20.0, 10.0, 25.0])
+    touch = apertures_touch_mask(mask, x, y, radius=5.0)
+    # pixel (30, 25) spans x 29.5-30.5: 4.5 px from (25, 25) -> touches; (25, 20) is 7 away
+    assert list(touch) == [True, False, False, True]
+    assert not apertures_touch_mask(mask, x, y, radius=4.4)[0]
+    assert not apertures_touch_mask(np.zeros((50, 50), bool), x, y, 5.0).any()
+    assert apertures_touch_mask(mask, x.reshape(2, 2), y.reshape(2, 2), 5.0).shape == (2, 2)
+    assert apertures_touch_mask(mask, [], [], 5.0).size == 0
+    off = apertures_touch_mask(mask, [-100.0, np.nan], [-100.0, 25.0], 5.0)
+    assert not off.any()
+
+
+def test_bitmask_from():
+    a = np.zeros((3, 3), bool)
+    a[0, 0] = True
+    s = np.zeros((3, 3), bool)
+    s[0, 0] = s[1, 1] = True
+    bits = bitmask_from((3, 3), artifact=a, saturated=s, instrument=np.eye(3, dtype=bool))
+    assert bits.dtype == np.uint8
+    assert bits[0, 0] == ARTIFACT | SATURATED | INSTRUMENT_MASK
+    assert bits[1, 1] == SATURATED | INSTRUMENT_MASK and bits[0, 1] == 0
+    assert len({int(ARTIFACT), int(SATURATED), int(INSTRUMENT_MASK)}) == 3
+    with pytest.raises(ValueError, match="artifact"):
+        bitmask_from((2, 2), artifact=a)

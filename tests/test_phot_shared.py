@@ -1,0 +1,48 @@
+"""Checks on the real RoboPol frame and its DS9 labels in ../shared/data (skipped without it).
+
+The frame is an 8-bit rendering (values 0-255, clipped at 255): fluxes are not
+physical, so only self-consistency is checked.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from robopol_clean.photometry import measure_spots
+from robopol_clean.regions_io import labels_from_regions
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = [
+    pytest.mark.shared,
+    pytest.mark.skipif(not (DATA / "J1428_labels.reg").is_file(), reason="needs ../shared/data"),
+]
+CHANNELS = ("top", "bottom", "left", "right")
+
+
+@pytest.fixture(scope="module")
+def quads():
+    return Table.read(DATA / "J1428_quads.ecsv")
+
+
+def test_ds9_labels_mark_artifacts_not_stars(quads):
+    art = Table.read(DATA / "J1428_artifacts.ecsv")
+    reg = DATA / "J1428_labels.reg"
+    assert labels_from_regions(reg, art["x"], art["y"], tag="artifact").all()
+    xs = np.concatenate([quads[f"x_{ch}"] for ch in CHANNELS])
+    ys = np.concatenate([quads[f"y_{ch}"] for ch in CHANNELS])
+    assert not labels_from_regions(reg, xs, ys, tag="artifact").any()
+    assert labels_from_regions(reg, xs, ys, color="green").all()  # spot circles
+
+
+def test_photometry_on_real_frame(quads):
+    data = fits.getdata(DATA / "J1428.fits").astype(np.float32)
+    xs = np.concatenate([quads[f"x_{ch}"] for ch in CHANNELS])
+    ys = np.concatenate([quads[f"y_{ch}"] for ch in CHANNELS])
+    t = measure_spots(data, xs, ys, fwhm=4.3, gain=1.0, read_noise=0.0, saturation=255)
+    assert np.all(np.isfinite(t["flux"])) and np.all(t["flux"] > 0)
+    assert np.all(t["flux"] > 3 * t["flux_err"])
+    sat = np.asarray(t["saturated"]).reshape(len(CHANNELS), len(quads)).any(axis=0)
+    assert np.all(sat[np.asarray(quads["peak_sat"], bool)])  # clipped patterns are flagged

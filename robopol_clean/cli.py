@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 
 __all__ = ["main", "build_parser"]
@@ -266,8 +268,120 @@ def _run_label(args) -> int:
 
 
 
+def _add_data_options(p: argparse.ArgumentParser, default_frames: int) -> None:
+    p.add_argument("--sim-frames", type=int, default=default_frames, metavar="N",
+                   help=f"simulated 1024 x 1024 frames to label from truth (default: {default_frames})")
+    p.add_argument("--seed", type=int, default=0, help="seed of simulation, split and training (default: 0)")
+    p.add_argument("--ds9", nargs=2, action="append", default=[], metavar=("FRAME", "REGIONS"),
+                   help="a real frame and its DS9 labels (red regions = artifacts, green = stars; "
+                        "see 'robopol-clean label'); repeatable")
+    p.add_argument("--profile", default="robopol", metavar="P", help="instrument profile (default: robopol)")
+
+
+def _labelled_data(args, *, seed_offset: int = 0):
+    """Cutouts from simulated frames and DS9-labelled real frames, as one dataset."""
+    from .instrument import ProfileError, load_profile
+    from .io import FrameError
+    from .training import CutoutDataset, cutout_dataset_from_ds9, cutout_dataset_from_simulation
+
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as exc:
+        raise CLIError(str(exc)) from None
+    parts = []
+    if args.sim_frames > 0:
+        log.info("simulating and detecting %d frames (seed %d)...", args.sim_frames, args.seed + seed_offset)
+        parts.append(cutout_dataset_from_simulation(args.sim_frames, args.seed + seed_offset, profile))
+    for i, (frame, regions) in enumerate(args.ds9):
+        try:
+            parts.append(cutout_dataset_from_ds9(frame, regions, profile=profile, artifact_color="red",
+                                                 star_color="green", frame_index=100_000 + i))
+        except (FrameError, OSError, ValueError) as exc:
+            raise CLIError(f"{frame} / {regions}: {exc}") from None
+    if not parts:
+        raise CLIError("no data: give --sim-frames > 0 or --ds9 FRAME REGIONS")
+    data = parts[0] if len(parts) == 1 else CutoutDataset.concatenate(parts)
+    if len(np.unique(data.labels)) < 2:
+        raise CLIError("the labelled data hold only one class (need artifacts and stars)")
+    return data
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train or fine-tune the artifact CNN on simulated and DS9-labelled frames",
+        description="Train the artifact CNN (seeded, validation split by frame, early stopping) and "
+                    "write OUTDIR/<name>.keras, OUTDIR/<name>.json (normalisation, data, metrics, "
+                    "threshold) and a report folder of figures (loss curves, ROC, confusion matrix, "
+                    "reliability, galleries, saliency maps). The shipped model is made by "
+                    "'robopol-clean train -o robopol_clean/data --sim-frames 240'.")
+    p.add_argument("-o", "--outdir", required=True, help="where the model and its report go")
+    p.add_argument("--name", default="robopol_cnn", help="model name (default: robopol_cnn)")
+    _add_data_options(p, 240)
+    p.add_argument("--variant", choices=["3conv", "4conv"], default="3conv", help="architecture")
+    p.add_argument("--epochs", type=int, default=40, help="maximum epochs (early stopping; default 40)")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="fine-tune: start from 'default' (the shipped model) or a .keras file")
+    p.add_argument("--freeze-conv", action="store_true",
+                   help="with --init-from: train only the dense head (transfer learning)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model of that name")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .io import OutputError, check_writable
+    from .training import train
+
+    try:
+        outdir = check_writable(args.outdir)
+    except OutputError as exc:
+        raise CLIError(str(exc)) from None
+    if (outdir / f"{args.name}.keras").exists() and not args.overwrite:
+        raise CLIError(f"{outdir / (args.name + '.keras')}: output exists (use --overwrite to replace it)")
+    data = _labelled_data(args)
+    log.info("training on %d cutouts (%s)", len(data), data.counts())
+    result = train(data, variant=args.variant, epochs=args.epochs, seed=args.seed,
+                   init_from=args.init_from, freeze_conv=args.freeze_conv or None, out_dir=outdir,
+                   name=args.name, target_false_rejection=0.005, verbose=0)
+    m = result.metrics
+    print(f"{result.model_path}: validation AUC {m.get('auc') or float('nan'):.4f}, "
+          f"trained in {result.seconds:.0f} s; report in {result.report_dir}")
+    return EXIT_OK
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="evaluate a model on labelled data (metrics and report figures)",
+        description="Score labelled cutouts (fresh simulated frames and/or DS9-labelled real frames) "
+                    "with a model and write metrics.json plus the report figures into OUTDIR.")
+    p.add_argument("--model", default="default", help="a .keras file, or 'default' (the shipped model)")
+    p.add_argument("-o", "--outdir", required=True, help="report folder")
+    _add_data_options(p, 20)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    import json
+
+    from .classify.cnn import CNNClassifier, ModelError
+    from .evaluation import evaluate
+
+    try:
+        clf = CNNClassifier.load(None if args.model == "default" else args.model)
+    except ModelError as exc:
+        raise CLIError(str(exc)) from None
+    # Frames from another seed stream than training's, so nothing evaluated was trained on.
+    data = _labelled_data(args, seed_offset=1_000_003)
+    metrics = evaluate(clf, data.cutouts, data.labels, data.table, args.outdir, name=str(args.model))
+    shown = {k: metrics.get(k) for k in ("n", "n_artifacts", "n_stars", "auc", "recall",
+                                         "false_rejection_rate")}
+    print(json.dumps(shown, default=float))
+    print(f"report: {args.outdir}")
+    return EXIT_OK
+
+
+
 #: Subcommands in display order (helpers add their _add_* functions here).
-_SUBCOMMANDS: list = [_add_demo, _add_reduce, _add_simulate, _add_label]
+_SUBCOMMANDS: list = [_add_demo, _add_reduce, _add_simulate, _add_label, _add_train, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

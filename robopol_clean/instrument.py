@@ -377,6 +377,48 @@ class InstrumentProfile:
         u = np.tensordot(np.resize(self.u_inst, terms) * (np.arange(terms) < len(self.u_inst)), basis, 1)
         return q, u
 
+    def for_region(self, x0: float, y0: float, shape: tuple[int, int] | None = None) -> InstrumentProfile:
+        """The profile in the coordinates of a detector region (a windowed or cut frame).
+
+        Parameters
+        ----------
+        x0, y0 : float
+            Detector position (px) of the region's pixel (0, 0); FITS ``LTV1 = -x0``.
+        shape : tuple of int, optional
+            The region's shape ``(ny, nx)``.
+
+        Returns
+        -------
+        InstrumentProfile
+            Geometry, mask, exclusions and target shifted by ``(-x0, -y0)``.
+        """
+        if x0 == 0 and y0 == 0 and (shape is None or tuple(shape) == self.shape):
+            return self
+        dx, dy = float(x0), float(y0)
+
+        def move(params: Mapping[str, Any]) -> dict:
+            out = dict(params)
+            if "center" in out:
+                out["center"] = [out["center"][0] - dx, out["center"][1] - dy]
+            if "x" in out:
+                out["x"] = out["x"] - dx
+            if "y" in out:
+                out["y"] = out["y"] - dy
+            if "vertices" in out:
+                out["vertices"] = [[vx - dx, vy - dy] for vx, vy in out["vertices"]]
+            return out
+
+        geometry = dataclasses.replace(
+            self.geometry, center=(self.geometry.center[0] - dx, self.geometry.center[1] - dy))
+        return dataclasses.replace(
+            self,
+            shape=tuple(shape) if shape is not None else self.shape,
+            geometry=geometry,
+            mask_shapes=tuple(dataclasses.replace(m, params=move(m.params)) for m in self.mask_shapes),
+            target=None if self.target is None else (self.target[0] - dx, self.target[1] - dy),
+            exclude=tuple([[vx - dx, vy - dy] for vx, vy in poly] for poly in self.exclude),
+        )
+
     def replace(self, **changes) -> InstrumentProfile:
         """A copy with some attributes changed (profiles are immutable)."""
         return dataclasses.replace(self, **changes)

@@ -32,6 +32,7 @@ __all__ = [
     "atomic_path",
     "write_atomic",
     "check_writable",
+    "detector_origin",
 ]
 
 _UMASK = os.umask(0o022)
@@ -138,6 +139,19 @@ def frame_from_ccd(ccd: CCDData, profile: InstrumentProfile, *, name: str = "fra
     data = np.where(finite, data, np.float32(0.0))
     return CCDData(data, unit=ccd.unit or "adu", mask=mask if mask.any() else None, meta=meta,
                    uncertainty=ccd.uncertainty, wcs=ccd.wcs)
+
+
+def detector_origin(header) -> tuple[float, float]:
+    """Detector position of image pixel (0, 0) from IRAF's ``LTV1``/``LTV2`` (image = detector + LTV).
+
+    Windowed read-outs and cut-outs carry these keywords; a full frame has none (origin 0, 0).
+    """
+    def value(key):
+        try:
+            return -float(header.get(key, 0.0) or 0.0)
+        except (TypeError, ValueError):
+            return 0.0
+    return value("LTV1"), value("LTV2")
 
 
 def _image_hdu(hdul, name: str) -> int:

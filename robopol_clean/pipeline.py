@@ -21,7 +21,7 @@ from .classify import FrameScene, SpotClassifier, decide
 from .detection import detect_spots, estimate_background
 from .grouping import group_quadruplets
 from .instrument import InstrumentProfile, load_profile
-from .io import frame_from_ccd
+from .io import detector_origin, frame_from_ccd
 from .masking import apertures_touch_mask, combine_masks, footprint_mask
 from .photometry import aperture_radius_for, measure_spots
 from .stokes import pair_ratio_check, stokes_table
@@ -144,6 +144,7 @@ def reduce_frame(
 
     frame = frame_from_ccd(ccd, profile, name=name)
     data = np.asarray(frame.data, np.float32)
+    profile = profile.for_region(*detector_origin(frame.meta), data.shape)
     bad = None if frame.mask is None else np.asarray(frame.mask, bool)
     gain = float(frame.meta["GAIN"])
     read_noise = float(frame.meta["RDNOISE"])

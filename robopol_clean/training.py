@@ -432,7 +432,8 @@ def cutout_dataset_from_simulation(
         sim = simulate_frame(prof, seed=fseed, shape=shape, origin=origin, **kw)
         data = np.asarray(sim.ccd.data, np.float32)
         mask = None if sim.ccd.mask is None else np.asarray(sim.ccd.mask, bool)
-        spots, cut = frame_cutouts(data, profile=prof, mask=mask, normalisation=norm)
+        spots, cut = frame_cutouts(data, profile=prof.for_region(*origin, data.shape), mask=mask,
+                                   normalisation=norm)
         truth = _truth_with_extent(sim)
         labels, kinds, dist = match_detections(spots, truth, match_radius=match_radius,
                                                artifact_kinds=artifact_kinds, ignore_kinds=ignore_kinds)

@@ -168,3 +168,15 @@ def test_user_profile_file(tmp_path):
     prof = load_profile(path)
     assert prof.name == "MyPol" and prof.gain == 1.5
     assert prof.source == str(path)
+
+
+def test_profile_for_region(robopol):
+    sub = robopol.for_region(500.0, 300.0, (400, 600))
+    assert sub.shape == (400, 600)
+    full = robopol.spot_positions(800.0, 700.0)
+    part = sub.spot_positions(300.0, 400.0)
+    for ch in robopol.channels:
+        assert part[ch][0] == pytest.approx(full[ch][0] - 500.0)
+        assert part[ch][1] == pytest.approx(full[ch][1] - 300.0)
+    np.testing.assert_array_equal(sub.transmission(), robopol.transmission()[300:700, 500:1100])
+    assert robopol.for_region(0, 0) is robopol

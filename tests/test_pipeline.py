@@ -99,3 +99,16 @@ def test_tiny_frame_is_clear_error(profile, morphology):
 def test_bad_threshold(small_sim, profile, morphology):
     with pytest.raises(ValueError, match="threshold"):
         reduce_frame(small_sim.ccd, profile=profile, classifier=morphology, threshold=1.5)
+
+
+def test_detector_region_uses_its_origin(profile, morphology):
+    """A frame cut from the middle of the detector (LTV1/LTV2 set) keeps its geometry."""
+    from robopol_clean.simulate import simulate_frame
+
+    sim = simulate_frame(profile, seed=21, shape=(512, 512), origin=(700, 300), n_stars=40)
+    assert sim.ccd.header["LTV1"] == -700
+    res = reduce_frame(sim.ccd, profile=profile, classifier=morphology)
+    c = compare_with_truth(res, sim)
+    # With the origin ignored, mask and geometry were misplaced: no clean quadruplet at all.
+    assert c["stars_measured"] >= 0.25 * c["stars_complete"] > 0
+    assert c["star_spots_rejected"] <= 0.05 * c["star_spots_detected"]

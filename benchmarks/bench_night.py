@@ -65,8 +65,15 @@ if str(HERE) not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "agg")
 
-from _common import (REPO, _jsonable, _rst_escape, _text_table, log,  # noqa: E402
-                     machine_description, machine_line)
+from _common import (  # noqa: E402
+    REPO,
+    _jsonable,
+    _rst_escape,
+    _text_table,
+    log,
+    machine_description,
+    machine_line,
+)
 
 #: Master seed of the simulated night (frame seeds derived with SeedSequence.spawn).
 NIGHT_SEED = 50_000
@@ -342,7 +349,7 @@ class ExternalCluster:
             port = _free_port()
             self.address = f"tcp://127.0.0.1:{port}"
             sched = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                     "--no-dashboard", "--no-show"]
+                     "--no-dashboard"]
             self.scheduler = subprocess.Popen(
                 sched, stdout=open(self.workdir / "scheduler.log", "w"), stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=str(self.workdir))
@@ -460,7 +467,8 @@ def build_report(runs: list[dict], n_frames: int, header: dict, det: dict) -> di
         f"Parallel efficiency t1 / (2 t2) = {eff:.2f} (whole command)"
         + (f"; steady state (first to last frame, start-up and night products excluded) "
            f"{eff_steady:.2f}" if eff_steady else "") + ". Target: >= 0.8.",
-        f"Extrapolated to 100 frames at the --workers 2 steady rate: "
+        "Rough extrapolation to 100 frames with --workers 2 (start-up + 99 frames at the steady "
+        "rate + tail): "
         + (f"{(runs[1]['first_frame_s'] + 99 / s2 + runs[1]['tail_s']):.0f} s" if s2 else "-")
         + " (target: <= 300 s on 2 cores).",
         f"Determinism: stokes_all.ecsv rows {', '.join(_f(r.get('stokes_all_rows')) for r in runs)} -> "

@@ -54,9 +54,19 @@ import numpy as np
 from astropy.table import Table, vstack
 from scipy.spatial import cKDTree
 
-from .classify.cnn import (CUTOUT_SIZE, DEFAULT_MODEL_NAME, NORMALISATION_VERSION, CNNClassifier,
-                           _jsonable, build_model, compile_model, conv_layer_names, default_model_path,
-                           normalisation_params, normalise_cutouts, save_model, spot_cutouts)
+from .classify.cnn import (
+    CUTOUT_SIZE,
+    DEFAULT_MODEL_NAME,
+    CNNClassifier,
+    _jsonable,
+    build_model,
+    compile_model,
+    conv_layer_names,
+    default_model_path,
+    normalisation_params,
+    save_model,
+    spot_cutouts,
+)
 from .instrument import InstrumentProfile, load_profile
 
 __all__ = [

@@ -9,8 +9,16 @@ from astropy.table import Table
 keras = pytest.importorskip("keras")
 
 from robopol_clean.classify.cnn import (  # noqa: E402
-    NORMALISATION_VERSION, CNNClassifier, ModelError, build_model, default_model_path,
-    normalisation_params, normalise_cutouts, save_model, spot_cutouts)
+    NORMALISATION_VERSION,
+    CNNClassifier,
+    ModelError,
+    build_model,
+    default_model_path,
+    normalisation_params,
+    normalise_cutouts,
+    save_model,
+    spot_cutouts,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,16 @@ keras = pytest.importorskip("keras")
 
 from robopol_clean.classify.cnn import CNNClassifier, normalise_cutouts  # noqa: E402
 from robopol_clean.training import (  # noqa: E402
-    CutoutDataset, _stratified_stars, augment_batch, cutout_dataset_from_ds9,
-    cutout_dataset_from_simulation, match_detections, split_by_frame, synthetic_cutouts, train)
+    CutoutDataset,
+    _stratified_stars,
+    augment_batch,
+    cutout_dataset_from_ds9,
+    cutout_dataset_from_simulation,
+    match_detections,
+    split_by_frame,
+    synthetic_cutouts,
+    train,
+)
 
 
 @pytest.fixture(scope="module")

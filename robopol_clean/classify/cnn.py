@@ -36,6 +36,10 @@ from astropy.table import Table
 from .base import FrameScene, SpotClassifier, noisy_or
 from .orphan import orphan_score
 
+# Most of TensorFlow's C++ log messages are not for our users; a
+# value the user set is kept.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 __all__ = [
     "ModelError",
     "NORMALISATION_VERSION",

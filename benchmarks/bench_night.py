@@ -134,6 +134,8 @@ class TreeSampler:
         self.every = every
         self.peak: dict[int, int] = {}
         self.info: dict[int, dict] = {}
+        self.cpu_first: dict[int, float] = {}
+        self.cpu_last: dict[int, float] = {}
         self.tree_peak = 0
         self.samples = 0
         self._stop = threading.Event()
@@ -171,6 +173,13 @@ class TreeSampler:
                                                "role": "main" if is_root else _role(proc.cmdline())}
                 except ps.Error:
                     continue
+                try:
+                    ct = proc.cpu_times()
+                    cpu = ct.user + ct.system
+                    self.cpu_first.setdefault(proc.pid, cpu)
+                    self.cpu_last[proc.pid] = cpu
+                except ps.Error:
+                    pass
                 hwm = _vm_hwm(proc.pid)
                 total += rss
                 self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), rss, hwm or 0)
@@ -178,13 +187,20 @@ class TreeSampler:
             self.samples += 1
             self._stop.wait(self.every)
 
+    def cpu_delta(self, tree: str) -> float:
+        """CPU seconds used while sampled by the processes of one tree (first to last sample)."""
+        return sum(self.cpu_last[pid] - self.cpu_first[pid] for pid in self.cpu_last
+                   if self.info.get(pid, {}).get("tree") == tree)
+
     def summary(self) -> dict:
-        """Peak MiB per process, grouped by tree and role."""
+        """Peak MiB (and sampled CPU seconds) per process, grouped by tree and role."""
         out: dict = {"samples": self.samples, "tree_peak_mib": round(self.tree_peak / MIB, 1),
                      "processes": []}
         for pid, peak in sorted(self.peak.items()):
             out["processes"].append({"pid": pid, **self.info.get(pid, {}),
-                                     "peak_mib": round(peak / MIB, 1)})
+                                     "peak_mib": round(peak / MIB, 1),
+                                     "cpu_s": round(self.cpu_last.get(pid, 0.0)
+                                                    - self.cpu_first.get(pid, 0.0), 2)})
         return out
 
 
@@ -233,7 +249,10 @@ def run_reduce(label: str, frames: list[str], outdir: Path, extra: list[str], *,
     cmd = [_bin("robopol-clean"), "reduce", *frames, "-o", str(outdir), *extra]
     shown = ["robopol-clean", "reduce", "FRAMES/sim_*.fits", "-o", outdir.name, *extra]
     log(f"{label}: {' '.join(shown)}")
+    import psutil
+
     load0 = os.getloadavg()
+    busy0 = _busy_cpu(psutil)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines: list[tuple[float, str]] = []
     t0 = time.perf_counter()
@@ -253,7 +272,9 @@ def run_reduce(label: str, frames: list[str], outdir: Path, extra: list[str], *,
     reader.join(10)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     load1 = os.getloadavg()
+    busy = _busy_cpu(psutil) - busy0
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    watched = sum(sampler.cpu_delta(k) for k in (watch or {}))
 
     # per-frame log lines: "<path>: done" / "failed (...)" / "skipped"
     names = {os.path.basename(f) for f in frames}
@@ -263,6 +284,8 @@ def run_reduce(label: str, frames: list[str], outdir: Path, extra: list[str], *,
     mem = sampler.summary()
     res = {"label": label, "command": " ".join(shlex.quote(a) for a in shown), "argv": cmd,
            "rc": rc, "timed_out": timed_out, "wall_s": wall, "cpu_s_cli_tree": cpu,
+           "cpu_s_watched": watched, "cpu_s": cpu + watched,
+           "other_cores": max(0.0, (busy - cpu - watched) / wall),
            "loadavg_before": [round(v, 2) for v in load0],
            "loadavg_after": [round(v, 2) for v in load1],
            "frame_lines": len(frame_t), "memory": mem, "log_tail": [ln for _, ln in lines[-15:]]}
@@ -274,10 +297,18 @@ def run_reduce(label: str, frames: list[str], outdir: Path, extra: list[str], *,
             res["steady_fps"] = (len(frame_t) - 1) / (frame_t[-1] - frame_t[0])
     res.update(_products(outdir))
     status = "ok" if rc == 0 else ("TIMED OUT" if timed_out else f"exit {rc}")
-    log(f"{label}: {wall:.1f} s wall, {cpu:.0f} s CPU (command tree), {status}")
+    log(f"{label}: {wall:.1f} s wall, {cpu + watched:.0f} s CPU, others used "
+        f"{res['other_cores']:.2f} cores meanwhile, {status}")
     if rc != 0:
         log(f"{label}: last output lines:\n" + "\n".join(res["log_tail"]))
     return res
+
+
+def _busy_cpu(psutil) -> float:
+    """Machine-wide busy CPU seconds so far (all cores, all users)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) \
+        - getattr(t, "guest_nice", 0.0)
 
 
 def _products(outdir: Path) -> dict:
@@ -441,17 +472,17 @@ def build_report(runs: list[dict], n_frames: int, header: dict, det: dict) -> di
     s1, s2 = runs[0].get("steady_fps"), runs[1].get("steady_fps")
     eff_steady = s2 / (2 * s1) if s1 and s2 else None
     columns = ["run", "wall s", "frames/s", "s/frame", "start-up s", "steady frames/s", "tail s",
-               "CPU s/frame", "peak RSS/worker MiB", "peak RSS CLI MiB", "total spots",
-               "stokes_all rows", "load avg before/after", "exit"]
+               "median task s", "CPU s/frame", "peak RSS/worker MiB", "peak RSS CLI MiB",
+               "total spots", "stokes_all rows", "load avg before/after", "others' cores", "exit"]
     rows = []
     for r in runs:
-        cpu = r["cpu_s_cli_tree"] + sum(u["cpu_s"] for u in r.get("worker_usage", {}).values())
         rows.append([
             r["label"], _f(r["wall_s"]), _f(n_frames / r["wall_s"], 3), _f(r["wall_s"] / n_frames, 2),
             _f(r.get("first_frame_s")), _f(r.get("steady_fps"), 3), _f(r.get("tail_s")),
-            _f(cpu / n_frames, 2), _f(_worker_peak(r), 0), _f(_main_peak(r), 0),
+            _f(r.get("task_s_median"), 2),
+            _f(r["cpu_s"] / n_frames, 2), _f(_worker_peak(r), 0), _f(_main_peak(r), 0),
             _f(r.get("total_spots")), _f(r.get("stokes_all_rows")),
-            f"{r['loadavg_before'][0]:.2f}/{r['loadavg_after'][0]:.2f}",
+            f"{r['loadavg_before'][0]:.2f}/{r['loadavg_after'][0]:.2f}", _f(r["other_cores"], 2),
             "ok" if r["rc"] == 0 else ("timeout" if r["timed_out"] else str(r["rc"]))])
     rows_equal = len({r.get("stokes_all_rows") for r in runs}) == 1 and runs[0].get("stokes_all_rows") is not None
     spots_equal = len({r.get("total_spots") for r in runs}) == 1
@@ -478,9 +509,12 @@ def build_report(runs: list[dict], n_frames: int, header: dict, det: dict) -> di
            f"(max |dq| {det.get('max_abs_dq', float('nan')):.2g}, max |du| "
            f"{det.get('max_abs_du', float('nan')):.2g})" if det.get("comparable") else "") + ".",
         "start-up = until the first frame's log line; steady frames/s = (frames - 1) / (last - "
-        "first frame line); tail = last frame line to exit (night products + shutdown). CPU "
-        "s/frame = user + system CPU of the command's process tree (plus the external workers' "
-        "own getrusage for the --scheduler run) / frames.",
+        "first frame line); tail = last frame line to exit (night products + shutdown); median "
+        "task s = the median of summary.ecsv's per-frame seconds (read to products written, in "
+        "the worker). CPU s/frame = user + system CPU of the command's process tree (plus the "
+        "external dask worker processes during the run) / frames. Others' cores = machine-wide "
+        "busy CPU not used by these processes / wall time: what the other users of the machine "
+        "took meanwhile (2 cores in all).",
         "Peak RSS per worker: the largest worker process's peak resident set (VmHWM sampled every "
         f"{SAMPLE_EVERY} s with psutil; ru_maxrss via client.run for the external workers). "
         "Peak RSS CLI: the command's own process (scheduler + client for the LocalCluster runs).",
@@ -609,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 -- the sampled numbers remain
                 log(f"client.run(getrusage) failed: {exc}")
             r["command"] = r["command"].replace(cluster.address, "tcp://127.0.0.1:PORT")
-            cluster_cmds = [c.replace(cluster.address, "tcp://127.0.0.1:PORT") for c in cluster.commands]
+            port = cluster.address.rsplit(":", 1)[1]
+            cluster_cmds = [c.replace(cluster.address, "tcp://127.0.0.1:PORT")
+                            .replace(f"--port {port}", "--port PORT") for c in cluster.commands]
             runs.append(r)
         det = _compare_stokes([work / "out_w1", work / "out_w2", work / "out_sched"])
 

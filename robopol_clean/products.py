@@ -2,13 +2,13 @@
 
 For an input ``<stem>.fits`` the products in the output folder are:
 
-========================  ==========================================================
-``<stem>_spots.ecsv``     one row per detected spot
-``<stem>_stokes.ecsv``    one row per clean quadruplet (q, u, p, theta, errors)
-``<stem>_rejected.reg``   DS9 regions of the rejected spots, labelled with p_artifact
-``<stem>_clean.fits``     the frame with the artifact mask (and provenance keywords)
-``<stem>_diagnostic.png`` optional: the frame with quadruplets and rejections marked
-========================  ==========================================================
+=========================  ==========================================================
+``<stem>_spots.ecsv``      one row per detected spot
+``<stem>_stokes.ecsv``     one row per clean quadruplet (q, u, p, theta, errors)
+``<stem>_rejected.reg``    DS9 regions of the rejected spots, labelled with p_artifact
+``<stem>_clean.fits``      the frame with the artifact mask (and provenance keywords)
+``<stem>_diagnostic.png``  optional: the frame with quadruplets and rejections marked
+=========================  ==========================================================
 
 Every file is written to a temporary name and moved into place, so a crash leaves no
 partial product; existing products are refused unless ``overwrite`` is set.

@@ -268,6 +268,9 @@ def run_reduce(label: str, frames: list[str], outdir: Path, extra: list[str], *,
             timed_out = True
             _kill_group(proc)
             rc = proc.returncode
+        except BaseException:  # Ctrl-C / SIGTERM: its own session gets no signal, so end it
+            _kill_group(proc, grace=5)
+            raise
     wall = time.perf_counter() - t0
     reader.join(10)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -36,6 +36,8 @@ def _add_common_reduce_options(p: argparse.ArgumentParser) -> None:
                    help="instrument profile: a shipped name or a TOML file (default: robopol)")
     p.add_argument("--classifier", choices=["cnn", "morphology"], default="cnn",
                    help="artifact classifier (default: cnn, combined with the orphan-pair cue)")
+    p.add_argument("--model", default=None, metavar="MODEL.keras",
+                   help="use this trained network (with its .json) instead of the shipped one")
     p.add_argument("--threshold", type=_probability, default=None, metavar="T",
                    help="reject spots with p_artifact >= T (default: 0.5)")
     p.add_argument("--uncertain-band", type=_probability, nargs=2, default=None, metavar=("LO", "HI"),
@@ -93,13 +95,19 @@ def _run_reduce(args) -> int:
     if len(files) == 1 and not args.scheduler:
         # One frame: no cluster to start, the model is loaded here once.
         try:
-            classifier = get_classifier(args.classifier)
+            classifier = get_classifier(args.model or args.classifier)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
         outcomes = [reduce_file(files[0], args.outdir, classifier=classifier, **options)]
         _report_outcome(outcomes[0])
     else:
-        outcomes = reduce_night(files, args.outdir, classifier=args.classifier, workers=args.workers,
+        if args.model:  # fail early, not once per worker
+            try:
+                get_classifier(args.model)
+            except ValueError as exc:
+                raise CLIError(str(exc)) from None
+        outcomes = reduce_night(files, args.outdir, classifier=args.model or args.classifier,
+                                workers=args.workers,
                                 threads_per_worker=args.threads_per_worker, scheduler=args.scheduler,
                                 progress=None if not args.quiet else False, **options)
         for outcome in outcomes:
@@ -248,7 +256,7 @@ def _run_label(args) -> int:
     try:
         profile = load_profile(args.profile)
         result = reduce_frame(read_frame(args.frame, profile), profile=profile,
-                              classifier=args.classifier,
+                              classifier=args.model or args.classifier,
                               threshold=args.threshold or DEFAULT_THRESHOLD,
                               uncertain_band=args.uncertain_band or DEFAULT_UNCERTAIN_BAND,
                               name=Path(args.frame).name)
@@ -321,8 +329,9 @@ def _add_train(sub) -> None:
     p.add_argument("--epochs", type=int, default=40, help="maximum epochs (early stopping; default 40)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="fine-tune: start from 'default' (the shipped model) or a .keras file")
-    p.add_argument("--freeze-conv", action="store_true",
-                   help="with --init-from: train only the dense head (transfer learning)")
+    p.add_argument("--train-conv", action="store_true",
+                   help="with --init-from: also retrain the convolutional layers (default: only the "
+                        "dense head is trained: transfer learning)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model of that name")
     p.set_defaults(func=_run_train)
 
@@ -340,7 +349,7 @@ def _run_train(args) -> int:
     data = _labelled_data(args)
     log.info("training on %d cutouts (%s)", len(data), data.counts())
     result = train(data, variant=args.variant, epochs=args.epochs, seed=args.seed,
-                   init_from=args.init_from, freeze_conv=args.freeze_conv or None, out_dir=outdir,
+                   init_from=args.init_from, freeze_conv=False if args.train_conv else None, out_dir=outdir,
                    name=args.name, target_false_rejection=0.005, verbose=0)
     m = result.metrics
     print(f"{result.model_path}: validation AUC {m.get('auc') or float('nan'):.4f}, "

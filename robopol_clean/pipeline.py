@@ -43,6 +43,21 @@ PAIR_RATIO_Z_MAX = 3.0
 CALIBRATE_FLUX_ERRORS = True
 
 
+_SCORE_DESCRIPTIONS = {
+    "p_artifact": "decision score: probability the spot is an artifact (0-1)",
+    "p_cnn": "CNN probability from the spot's 64 x 64 cutout alone",
+    "p_orphan": "orphan-pair cue: evidence the spot's partner spots are missing (0-1)",
+    "p_morph": "morphology baseline score (noisy-OR of the p_* shape terms)",
+    "p_elongated": "shape term: elongation above the frame's stellar range",
+    "p_sharp": "shape term: much sharper than the seeing (cosmic-ray like)",
+    "p_broad": "shape term: much broader than the seeing",
+    "p_lopsided": "shape term: head/tail asymmetry of an elongated spot",
+    "p_group_outlier": "shape term: more elongated than the other spots of its group",
+    "rejected": "p_artifact >= threshold: masked, its group gets no Stokes row",
+    "uncertain": "kept, but p_artifact in the uncertain band: inspect",
+}
+
+
 @dataclass
 class FrameResult:
     """Everything one reduced frame produced.
@@ -81,7 +96,8 @@ def get_classifier(classifier: str | SpotClassifier | None = None) -> SpotClassi
     """Resolve a classifier name (``"cnn"`` or ``"morphology"``) or instance.
 
     ``None`` gives the default: the shipped CNN combined with the orphan-pair cue.
-    Loading the network takes a second: resolve once and reuse the instance.
+    A path to a ``.keras`` file loads that network (with its ``.json`` metadata).
+    Loading a network takes a few seconds: resolve once and reuse the instance.
     """
     if isinstance(classifier, SpotClassifier):
         return classifier
@@ -89,9 +105,9 @@ def get_classifier(classifier: str | SpotClassifier | None = None) -> SpotClassi
     if name == "morphology":
         from .classify import MorphologyClassifier
         return MorphologyClassifier()
-    if name == "cnn":
+    if name == "cnn" or name.endswith(".keras"):
         from .classify.cnn import CNNClassifier
-        return CNNClassifier.load()
+        return CNNClassifier.load(None if name == "cnn" else str(classifier))
     raise ValueError(f"unknown classifier {classifier!r} (use 'cnn' or 'morphology')")
 
 
@@ -169,10 +185,12 @@ def reduce_frame(
         scores = clf.score(scene) if len(spots) else Table({"p_artifact": np.zeros(0)})
         for col in scores.colnames:
             spots[col] = np.asarray(scores[col], float)
-        spots["p_artifact"].description = "decision score: probability the spot is an artifact"
         rejected, uncertain = decide(spots["p_artifact"], threshold, uncertain_band)
         spots["rejected"] = rejected
         spots["uncertain"] = uncertain
+        for col, text in _SCORE_DESCRIPTIONS.items():
+            if col in spots.colnames:
+                spots[col].description = text
 
     with _timed(timings, "masking"):
         artifact_mask = footprint_mask(data.shape, det.segmentation,
@@ -190,6 +208,7 @@ def reduce_frame(
         for col in phot.colnames:
             if col == "saturated":
                 spots["saturated"] = np.asarray(spots["saturated"], bool) | np.asarray(phot[col], bool)
+                spots["saturated"].description = "a pixel near the peak or in the aperture is saturated"
             else:
                 spots[col] = phot[col]
         # The two analyser pairs of a source must add up to a smooth instrumental ratio:

@@ -21,7 +21,7 @@ def test_label_train_evaluate(small_fits, tmp_path, capsys):
     # 2. Fine-tune the shipped model on simulated frames plus the DS9-labelled frame.
     out = tmp_path / "model"
     code = main(["train", "-o", str(out), "--name", "tuned", "--sim-frames", "3", "--epochs", "1",
-                 "--init-from", "default", "--freeze-conv", "--ds9", str(small_fits), str(reg)])
+                 "--init-from", "default", "--ds9", str(small_fits), str(reg)])
     assert code == EXIT_OK
     meta = json.loads((out / "tuned.json").read_text())
     assert meta["normalisation"]["version"] >= 1
@@ -32,7 +32,12 @@ def test_label_train_evaluate(small_fits, tmp_path, capsys):
             for wa, wb in zip(a.get_weights(), b.get_weights()):
                 np.testing.assert_array_equal(wa, wb)
 
-    # 3. Evaluate it on fresh simulated frames.
+    # 3. Use it to reduce a frame, then evaluate it on fresh simulated frames.
+    assert main(["reduce", str(small_fits), "-o", str(tmp_path / "red"), "--model",
+                 str(out / "tuned.keras"), "-q"]) == EXIT_OK
+    spots = Table.read(tmp_path / "red" / "small_spots.ecsv")
+    assert "p_cnn" in spots.colnames and spots.meta["classifier"] == "cnn"
+
     report = tmp_path / "report"
     assert main(["evaluate", "--model", str(out / "tuned.keras"), "-o", str(report),
                  "--sim-frames", "2"]) == EXIT_OK

@@ -225,8 +225,6 @@ def _run_simulate(args) -> int:
     return EXIT_OK
 
 
-
-# --- main ------------------------------------------------------------------------------
 def _add_label(sub) -> None:
     p = sub.add_parser(
         "label", help="write a starting DS9 region file for labelling a frame by hand",
@@ -389,6 +387,7 @@ def _run_evaluate(args) -> int:
 
 
 
+# --- main ------------------------------------------------------------------------------
 #: Subcommands in display order (helpers add their _add_* functions here).
 _SUBCOMMANDS: list = [_add_demo, _add_reduce, _add_simulate, _add_label, _add_train, _add_evaluate]
 

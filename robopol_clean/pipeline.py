@@ -18,7 +18,7 @@ from astropy.table import Table
 
 from . import __version__
 from .classify import FrameScene, SpotClassifier, decide
-from .detection import detect_spots, estimate_background
+from .detection import detect_spots, estimate_background, saturation_level
 from .grouping import group_quadruplets
 from .instrument import InstrumentProfile, load_profile
 from .io import detector_origin, frame_from_ccd
@@ -202,7 +202,7 @@ def reduce_frame(
         # the other sources' footprints are kept out of each annulus.
         phot = measure_spots(data, spots["x"], spots["y"], fwhm=fwhm, gain=gain,
                              read_noise=read_noise, mask=bad, aperture_radius=radius,
-                             saturation=_saturation_level(frame, profile),
+                             saturation=saturation_level(data, profile),
                              sky_map=profile.transmission(data.shape),
                              segmentation=det.segmentation, labels=spots["label"])
         for col in phot.colnames:
@@ -300,14 +300,6 @@ def clean_artifacts(ccd: CCDData, *, profile: str | InstrumentProfile = "robopol
         for key in [k for k in out.meta if str(k).startswith("RCL")]:
             del out.meta[key]
     return out
-
-
-def _saturation_level(frame: CCDData, profile: InstrumentProfile) -> float:
-    """The profile's saturation, or the frame's ceiling when it is visibly clipped."""
-    data = np.asarray(frame.data)
-    top = float(np.max(data))
-    clipped = np.count_nonzero(data >= top) > 25  # many pixels at one ceiling: a rendering
-    return min(profile.saturation, top) if clipped else profile.saturation
 
 
 def _flag_clean_groups(groups: Table, spots: Table, artifact_mask: np.ndarray, radius: float,

@@ -5,7 +5,7 @@ For an input ``<stem>.fits`` the products in the output folder are:
 =========================  ==========================================================
 ``<stem>_spots.ecsv``      one row per detected spot
 ``<stem>_stokes.ecsv``     one row per clean quadruplet (q, u, p, theta, errors)
-``<stem>_rejected.reg``    DS9 regions of the rejected spots, labelled with p_artifact
+``<stem>_rejected.reg``    DS9 regions: rejected spots (red), uncertain ones (orange)
 ``<stem>_clean.fits``      the frame with the artifact mask (and provenance keywords)
 ``<stem>_diagnostic.png``  optional: the frame with quadruplets and rejections marked
 =========================  ==========================================================
@@ -87,7 +87,9 @@ def write_products(result, outdir: str | os.PathLike, stem: str, *, overwrite: b
                  overwrite=overwrite)
     write_atomic(paths["stokes"], lambda p: result.stokes.write(p, format="ascii.ecsv", overwrite=True),
                  overwrite=overwrite)
-    rejected = spots[np.asarray(spots["rejected"], bool)] if len(spots) else spots
+    # Rejected spots in red and, drawn in orange, the kept ones in the uncertain band.
+    flagged = np.asarray(spots["rejected"], bool) | np.asarray(spots["uncertain"], bool)
+    rejected = spots[flagged] if len(spots) else spots
     wcs = result.ccd.wcs if result.ccd.wcs is not None and result.ccd.wcs.has_celestial else None
     regions = spots_to_regions(rejected, wcs=wcs, radius=2.0 * float(result.meta.get("fwhm", 4.0)))
     write_regions(regions, paths["regions"], overwrite=overwrite)

@@ -39,7 +39,7 @@ def test_reduce_writes_documented_products(small_fits, tmp_path):
     assert spots["x"].unit == "pix" and spots["flux"].unit == "electron"
     assert set(stokes["group_id"]) <= set(spots["group_id"][spots["group_id"] >= 0])
     regions = Regions.read(out / "night1_rejected.reg", format="ds9")
-    rejected = spots[spots["rejected"]]
+    rejected = spots[spots["rejected"] | spots["uncertain"]]
     assert len(regions) == len(rejected)
     if len(regions):
         centres = np.array([[r.center.x, r.center.y] for r in regions])

@@ -127,6 +127,10 @@ def test_installed_wheel_runs(dists, tmp_path):
     assert Path(where[0]).resolve().is_relative_to(venv.resolve()), where[0]
     assert where[1] == "RoboPol"
 
-    # The lead will switch this to `robopol-clean demo` once the demo is quick enough.
     proc = _run([bindir / "robopol-clean", "--help"], cwd=tmp_path, env=env)
     assert "usage: robopol-clean" in proc.stdout and "reduce" in proc.stdout
+    # The main job from the installed wheel: the shipped model and profile, no source tree.
+    proc = _run([bindir / "robopol-clean", "demo", "-o", tmp_path / "demo", "--n-stars", "150"],
+                cwd=tmp_path, env=env)
+    assert "clean with q, u" in proc.stdout
+    assert (tmp_path / "demo" / "demo_input_stokes.ecsv").exists()

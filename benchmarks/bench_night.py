@@ -527,12 +527,19 @@ def build_report(runs: list[dict], n_frames: int, header: dict, det: dict) -> di
             "total_spots_equal": spots_equal}
 
 
+def _by_metric(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The table turned: one row per metric, one column per run."""
+    cols = ["metric"] + [r[0] for r in report["rows"]]
+    rows = [[name] + [r[i] for r in report["rows"]] for i, name in enumerate(report["columns"]) if i]
+    return cols, rows
+
+
 def render_text(report: dict, header: dict) -> str:
     m = header["machine"]
     lines = [f"robopol-clean night benchmark ({header['n_frames']} frames)",
              f"command: {header['command']}", f"machine: {machine_line(m)}",
              f"date: {m['date']}; git {m.get('git')}; total {header['seconds']:.0f} s", ""]
-    lines += _text_table(report["columns"], report["rows"])
+    lines += _text_table(*_by_metric(report))
     lines += [f"* {n}" for n in report["notes"]]
     lines += ["", "commands timed:"] + [f"  {c}" for c in header["commands"]]
     return "\n".join(lines)
@@ -550,7 +557,8 @@ def render_rst(report: dict, header: dict) -> str:
            "Commands timed (FRAMES = the simulated frames, each run into a fresh folder)::", ""]
     out += [f"    {c}" for c in header["commands"]]
     out += ["", ".. list-table::", "   :header-rows: 1", ""]
-    for row in [report["columns"]] + report["rows"]:
+    cols, rows = _by_metric(report)
+    for row in [cols] + rows:
         out.append(f"   * - {_rst_escape(row[0])}")
         out.extend(f"     - {_rst_escape(v)}" for v in row[1:])
     out.append("")

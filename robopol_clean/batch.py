@@ -11,6 +11,7 @@ import glob
 import logging
 import os
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,8 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
     options = dict(profile=profile, classifier=classifier, threshold=threshold,
                    uncertain_band=uncertain_band, overwrite=overwrite, resume=True,
                    diagnostic=diagnostic)
-    outdir = str(outdir)
+    # Absolute paths: workers of a --scheduler cluster run in folders of their own.
+    outdir = os.path.abspath(str(outdir))
     cluster = None
     if scheduler:
         client = Client(scheduler)
@@ -247,21 +249,31 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
         window = max_in_flight or 2 * nthreads
         pending = iter(files)
         futures = as_completed()
+        # Task keys unique to this night: two nights sharing a scheduler (or the same frame
+        # reduced into two folders) must not share tasks. key -> the caller's path.
+        night, keys = uuid.uuid4().hex[:8], {}
+
+        def submit(path):
+            key = f"reduce-{night}-{len(keys)}"
+            keys[key] = path
+            futures.add(client.submit(_reduce_task, os.path.abspath(path), outdir, options, key=key,
+                                      pure=False))
+
         for path in _take(pending, window):
-            futures.add(client.submit(_reduce_task, path, outdir, options, key=f"reduce-{path}", pure=False))
+            submit(path)
         bar = _progress_bar(len(files), show)
         for future in futures:
+            path = keys.get(future.key, "?")
             try:
                 outcome = future.result()
+                outcome.path = path
             except Exception as exc:  # noqa: BLE001 -- e.g. a worker killed repeatedly
-                path = future.key[len("reduce-"):] if isinstance(future.key, str) else "?"
                 outcome = FileOutcome(path, "failed", f"{path}: {type(exc).__name__}: {exc}")
             results[outcome.path] = outcome
             future.release()
             bar(outcome)
             for path in _take(pending, 1):
-                futures.add(client.submit(_reduce_task, path, outdir, options, key=f"reduce-{path}",
-                                          pure=False))
+                submit(path)
     finally:
         client.close()
         if cluster is not None:

@@ -187,6 +187,9 @@ def simulate_frame(
     n_artifact_sources: int | None = None,
     n_cosmic_rays: int | None = None,
     n_donuts: int | None = None,
+    donut_contrast: tuple[float, float] = (0.01, 0.04),
+    donut_radius: tuple[float, float] = (5.0, 15.0),
+    donut_bright_fraction: float = 0.3,
     target: Mapping[str, float] | bool | None = None,
     include_bias: bool = False,
     noise: bool = True,
@@ -236,6 +239,15 @@ def simulate_frame(
         most frames get some (about 5-6 artifacts per affected full frame).
     n_cosmic_rays, n_donuts : int, optional
         Counts of cosmic-ray hits and dust donuts (drawn by default).
+    donut_contrast : (low, high)
+        Range of the donuts' ring amplitude as a fraction of the local sky (drawn
+        uniformly). The default 1-4 % mimics real flat-field residuals, which are
+        almost never detected as spots; e.g. ``(0.5, 2.0)`` makes bright rings that
+        are (for training a donut class).
+    donut_radius : (low, high)
+        Range of the ring radius (pix).
+    donut_bright_fraction : float
+        Fraction of donuts brighter than the sky (the others are darker).
     target : dict, bool or None
         The target at ``profile.target``: a dict with ``mag``, ``q``, ``u`` (missing
         keys drawn), ``None`` for a drawn target, ``False`` for none.
@@ -537,9 +549,9 @@ def simulate_frame(
     n_don = int(n_donuts) if n_donuts is not None else int(rng.poisson(2.0 * area_frac))
     for _ in range(n_don):
         dxc, dyc = rng.uniform(0, nx - 1), rng.uniform(0, ny - 1)
-        rad = rng.uniform(5.0, 15.0)
+        rad = rng.uniform(*donut_radius)
         wid = rng.uniform(1.5, 3.5)
-        amp = rng.uniform(0.01, 0.04) * (-1 if rng.random() < 0.7 else 1)
+        amp = rng.uniform(*donut_contrast) * (-1 if rng.random() < 1.0 - donut_bright_fraction else 1)
         h = int(rad + 4 * wid) + 1
         gx, gy, dx, dy = _grid(np.array([dxc]), np.array([dyc]), h, h)
         ring = np.exp(-0.5 * ((np.hypot(dx, dy) - rad) / wid) ** 2)

@@ -373,6 +373,7 @@ class ExternalCluster:
         self.scheduler = self.worker = None
         self.address = None
         self.commands: list[str] = []
+        self._logs: list = []
 
     def __enter__(self):
         import atexit
@@ -385,7 +386,7 @@ class ExternalCluster:
             sched = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                      "--no-dashboard"]
             self.scheduler = subprocess.Popen(
-                sched, stdout=open(self.workdir / "scheduler.log", "w"), stderr=subprocess.STDOUT,
+                sched, stdout=self._log("scheduler.log"), stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=str(self.workdir))
             if self._wait_port(port):
                 break
@@ -396,7 +397,7 @@ class ExternalCluster:
         work = [dask, "worker", self.address, "--nworkers", str(self.nworkers), "--nthreads", "1",
                 "--no-dashboard", "--local-directory", str(self.workdir / "dask-worker-space")]
         self.worker = subprocess.Popen(
-            work, stdout=open(self.workdir / "worker.log", "w"), stderr=subprocess.STDOUT,
+            work, stdout=self._log("worker.log"), stderr=subprocess.STDOUT,
             start_new_session=True, cwd=str(self.workdir))
         self.commands = [" ".join(["dask", *sched[1:]]),
                          " ".join(["dask", *work[1:-1], "WORKDIR/dask-worker-space"])]
@@ -408,6 +409,11 @@ class ExternalCluster:
         log(f"external cluster {self.address}: {self.nworkers} workers up in "
             f"{time.perf_counter() - t0:.1f} s")
         return self
+
+    def _log(self, name: str):
+        fh = open(self.workdir / name, "w")  # noqa: SIM115 -- closed in close()
+        self._logs.append(fh)
+        return fh
 
     def _wait_port(self, port: int, limit: float = 60.0) -> bool:
         t0 = time.perf_counter()
@@ -438,6 +444,9 @@ class ExternalCluster:
         _kill_group(self.worker)
         _kill_group(self.scheduler)
         self.worker = self.scheduler = None
+        for fh in self._logs:
+            fh.close()
+        self._logs = []
         return False
 
     __exit__ = close

@@ -344,7 +344,9 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
         try:
             spots = Table.read(paths["spots"], format="ascii.ecsv")
             stokes = Table.read(paths["stokes"], format="ascii.ecsv")
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            log.warning("%s: catalogues of a reduced frame cannot be read back (%s); left out of "
+                        "the night products", o.path, exc)
             continue
         rows.append({
             "frame": Path(o.path).name, "n_spots": len(spots),

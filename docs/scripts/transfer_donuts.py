@@ -4,13 +4,14 @@ Simulates a small labelled set in which bright dust donuts (rings of radius 10-1
 0.3-1.5 x the sky above it) are artifacts alongside the usual reflections and cosmic
 rays, scores a held-out set (other seeds) with the shipped model, fine-tunes it with
 ``train(..., init_from="default")`` (convolution layers frozen, only the dense head
-retrained), scores the held-out set again and prints a before/after table.
+retrained; the output recalibrated so 3 % of the validation stars with SNR >= 10
+reach 0.5), scores the held-out set again and prints a before/after table.
 
 Run from the repository root::
 
-    python docs/scripts/transfer_donuts.py [--train-frames 16] [--test-frames 6] [--epochs 8]
+    python docs/scripts/transfer_donuts.py [--train-frames 24] [--test-frames 6] [--epochs 12]
 
-Seeded and deterministic on a given machine; about 1-2 minutes on 2 CPU cores.
+Seeded and deterministic on a given machine; about 35-40 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def conv_weights(model) -> list[np.ndarray]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-frames", type=int, default=16)
+    ap.add_argument("--train-frames", type=int, default=24)
     ap.add_argument("--test-frames", type=int, default=6)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=2024)
-    ap.add_argument("--target-false-rejection", type=float, default=0.01,
-                    help="recalibrate so this fraction of validation stars (SNR >= 10) is rejected")
+    ap.add_argument("--target-false-rejection", type=float, default=0.03,
+                    help="recalibrate so this fraction of validation stars (SNR >= 10) is rejected "
+                         "(0: no recalibration)")
     ap.add_argument("--out-dir", default=None, help="keep the fine-tuned model here (default: a temp folder)")
     args = ap.parse_args(argv)
 
@@ -80,7 +82,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t1 = time.perf_counter()
         res = train(train_ds, init_from="default", epochs=args.epochs, seed=args.seed,
-                    target_false_rejection=args.target_false_rejection,
+                    target_false_rejection=args.target_false_rejection or None,
                     out_dir=args.out_dir or tmp, name="robopol_cnn_donuts", report=False)
         t_train = time.perf_counter() - t1
         after = scores(res.classifier, test_ds)

@@ -1,0 +1,28 @@
+"""The shipped network, judged on freshly simulated frames it was never trained on."""
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from robopol_clean.pipeline import get_classifier, reduce_frame
+from robopol_clean.simulate import simulate_frame
+from robopol_clean.training import _truth_with_extent, match_detections
+
+
+def test_shipped_model_auc_on_fresh_frames():
+    # Training used seeds derived from 0; these frames come from other seeds. Measured when
+    # the model was shipped: AUC 0.987 (default decision) and 0.969 (CNN alone) on seeds
+    # 900-902. The morphology baseline scores ~0.95 on such data, so 0.97 is a real bar.
+    clf = get_classifier("cnn")
+    labels, p_default, p_cnn = [], [], []
+    for seed in (900, 901):
+        sim = simulate_frame("robopol", seed=seed, n_artifact_sources=10)
+        result = reduce_frame(sim.ccd, classifier=clf)
+        lab, _, _ = match_detections(result.spots, _truth_with_extent(sim))
+        ok = lab >= 0
+        labels.append(lab[ok])
+        p_default.append(np.asarray(result.spots["p_artifact"])[ok])
+        p_cnn.append(np.asarray(result.spots["p_cnn"])[ok])
+    y = np.concatenate(labels)
+    assert 20 < y.sum() < len(y)
+    assert roc_auc_score(y, np.concatenate(p_default)) >= 0.97
+    assert roc_auc_score(y, np.concatenate(p_cnn)) >= 0.94

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -24,6 +25,16 @@ __all__ = ["REPO", "Section", "Context", "machine_description", "render_text", "
            "cnn_model_path", "load_default_classifier"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that reproduces this run, as printed into the results."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join(["python", shlex.quote(str(script))] + [shlex.quote(a) for a in argv])
 
 #: Label used for spots matched to nothing / ambiguously / to an ignored kind.
 UNLABELLED = -1

@@ -70,6 +70,7 @@ from _common import (  # noqa: E402
     _jsonable,
     _rst_escape,
     _text_table,
+    command_line,
     log,
     machine_description,
     machine_line,
@@ -584,15 +585,6 @@ def _write(path: str, text: str) -> None:
     log(f"wrote {p}")
 
 
-def _command(argv: list[str]) -> str:
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(REPO)
-    except ValueError:
-        pass
-    return " ".join(["python", shlex.quote(str(script))] + [shlex.quote(a) for a in argv])
-
-
 # ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -671,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
 
         load = os.getloadavg()
         machine["loadavg_end"] = [round(v, 2) for v in load]
-        header = {"command": _command(argv), "machine": machine, "n_frames": n, "seed": args.seed,
+        header = {"command": command_line(argv), "machine": machine, "n_frames": n, "seed": args.seed,
                   "frame_shape": list(shape), "frame_mb": round(mb, 1), "simulate_s": sim_s,
                   "n_stars_total": sum(stars), "n_stars_min": min(stars), "n_stars_max": max(stars),
                   "commands": [runs[0]["command"], runs[1]["command"],

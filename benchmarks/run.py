@@ -26,7 +26,6 @@ import argparse
 import importlib
 import json
 import os
-import shlex
 import sys
 import time
 import traceback
@@ -39,7 +38,16 @@ if str(HERE) not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "agg")
 
-from _common import REPO, Context, Section, log, machine_description, render_rst, render_text  # noqa: E402
+from _common import (  # noqa: E402
+    REPO,
+    Context,
+    Section,
+    command_line,
+    log,
+    machine_description,
+    render_rst,
+    render_text,
+)
 
 #: Section key -> module, in report order.
 SECTIONS = {
@@ -49,15 +57,6 @@ SECTIONS = {
     "stokes": "bench_stokes",
     "stages": "bench_stages",
 }
-
-
-def _command(argv: list[str]) -> str:
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(REPO)
-    except ValueError:
-        pass
-    return " ".join(["python", shlex.quote(str(script))] + [shlex.quote(a) for a in argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     machine["loadavg_end"] = None if load is None else [round(v, 2) for v in load]
-    header = {"mode": "quick" if args.quick else "full", "command": _command(argv),
+    header = {"mode": "quick" if args.quick else "full", "command": command_line(argv),
               "machine": machine, "seconds": time.perf_counter() - t0}
     text = render_text(sections, header)
     print(text)

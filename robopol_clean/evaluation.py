@@ -117,6 +117,12 @@ def _captions(meta: Table | None, idx: np.ndarray) -> list[str] | None:
     return caps
 
 
+def _most_confident(labels: np.ndarray, p: np.ndarray, cls: int, n: int) -> np.ndarray:
+    """Indices of the ``n`` cutouts of class ``cls`` scored most confidently as that class."""
+    idx = np.flatnonzero(labels == cls)
+    return idx[np.argsort(-np.abs(p[idx] - (1 - cls)))][:n]
+
+
 def evaluate(model, cutouts: np.ndarray, labels: np.ndarray, meta_table: Table | None = None,
              out_dir=None, *, history: dict | None = None, threshold: float = 0.5,
              p: np.ndarray | None = None, n_gallery: int = 24, n_saliency: int = 12,
@@ -188,9 +194,8 @@ def evaluate(model, cutouts: np.ndarray, labels: np.ndarray, meta_table: Table |
     x = np.asarray(cutouts)
     # Galleries: the most confident of each class, and the worst mistakes.
     for cls, cname in ((1, "artifacts"), (0, "stars")):
-        idx = np.flatnonzero(labels == cls)
-        if idx.size:
-            conf = idx[np.argsort(-np.abs(p[idx] - (1 - cls)))][:n_gallery]
+        conf = _most_confident(labels, p, cls, n_gallery)
+        if conf.size:
             save(f"gallery_confident_{cname}.png",
                  lambda path, c=conf, t=cname: plots.plot_cutout_gallery(
                      x[c], p[c], labels[c], path, title=f"Most confident {t}", captions=_captions(meta_table, c)))
@@ -206,9 +211,8 @@ def evaluate(model, cutouts: np.ndarray, labels: np.ndarray, meta_table: Table |
         from .saliency import saliency_maps
 
         for cls, cname in ((1, "artifacts"), (0, "stars")):
-            idx = np.flatnonzero(labels == cls)
-            if idx.size:
-                pick = idx[np.argsort(-np.abs(p[idx] - (1 - cls)))][:n_saliency]
+            pick = _most_confident(labels, p, cls, n_saliency)
+            if pick.size:
                 save(f"saliency_{cname}.png",
                      lambda path, c=pick, t=cname: plots.plot_saliency_gallery(
                          x[c], saliency_maps(model, x[c]), p[c], path, title=f"Saliency: {t}"))

@@ -273,6 +273,9 @@ class InstrumentProfile:
     telescope: str = ""
     description: str = ""
     source: str = ""
+    # Transmission maps already computed, by shape: detection, photometry and the orphan
+    # cue all need the frame's map. Not an init field, so replace() starts a fresh cache.
+    _maps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- channels -------------------------------------------------------------------
     def channel_at_angle(self, angle: float) -> str:
@@ -314,15 +317,20 @@ class InstrumentProfile:
         Returns
         -------
         ndarray
-            float32 array of ``shape`` with values in (0, 1].
+            Read-only float32 array of ``shape`` with values in (0, 1], computed once
+            per shape and profile.
         """
         ny, nx = shape if shape is not None else self.shape
+        if (ny, nx) in self._maps:
+            return self._maps[(ny, nx)]
         yy = np.arange(ny, dtype=np.float32)[:, None]
         xx = np.arange(nx, dtype=np.float32)[None, :]
         trans = np.ones((ny, nx), dtype=np.float32)
         for s in self.mask_shapes:
             inside = self._inside(s, xx, yy, (ny, nx))
             np.minimum(trans, np.where(inside, np.float32(s.transmission), np.float32(1.0)), out=trans)
+        trans.setflags(write=False)  # shared by every caller
+        self._maps[(ny, nx)] = trans
         return trans
 
     def _inside(self, s: MaskShape, xx, yy, shape) -> np.ndarray:

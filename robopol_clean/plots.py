@@ -291,12 +291,7 @@ def plot_cutout_gallery(cutouts, p, labels=None, path=None, *, title: str = "", 
     captions : list of str, optional
         Extra text per cutout (e.g. kind and SNR).
     """
-    cutouts = np.asarray(cutouts, float)
-    if cutouts.ndim == 4:
-        cutouts = cutouts[..., 0]
-    n = len(cutouts)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, int(np.ceil(n / ncols)))
+    cutouts, n, ncols, nrows = _gallery_layout(cutouts, ncols)
     fig, axes = _new_figure(ncols, nrows, size=(1.5, 1.65))
     for k, ax in enumerate(axes.ravel()):
         ax.set_axis_off()
@@ -318,14 +313,19 @@ def plot_cutout_gallery(cutouts, p, labels=None, path=None, *, title: str = "", 
     return fig
 
 
-def plot_saliency_gallery(cutouts, saliency, p, path=None, *, title: str = "Saliency", ncols: int = 6):
-    """Pairs of (cutout, saliency map) with p_artifact captions."""
+def _gallery_layout(cutouts, ncols: int):
+    """Cutouts as (n, size, size) floats, and the grid (n, ncols, nrows) to show them on."""
     cutouts = np.asarray(cutouts, float)
     if cutouts.ndim == 4:
         cutouts = cutouts[..., 0]
     n = len(cutouts)
     ncols = max(1, min(ncols, n))
-    nrows = max(1, int(np.ceil(n / ncols)))
+    return cutouts, n, ncols, max(1, int(np.ceil(n / ncols)))
+
+
+def plot_saliency_gallery(cutouts, saliency, p, path=None, *, title: str = "Saliency", ncols: int = 6):
+    """Pairs of (cutout, saliency map) with p_artifact captions."""
+    cutouts, n, ncols, nrows = _gallery_layout(cutouts, ncols)
     fig, axes = _new_figure(2 * ncols, nrows, size=(1.4, 1.55))
     for k in range(nrows * ncols):
         a_img, a_sal = axes[k // ncols, 2 * (k % ncols)], axes[k // ncols, 2 * (k % ncols) + 1]

@@ -7,7 +7,7 @@
 N full 2048 x 2048 RoboPol frames are simulated first with
 ``robopol_clean.simulate.simulate_frames(frames, N, seed)`` (150-900 stars each, drawn;
 not timed). Then the real command line is timed as a subprocess, three times, each
-into a fresh output folder, with the default classifier (the CNN + orphan-pair cue):
+into a fresh output folder, with the default classifier (the CNN + partner cues):
 
 1. ``robopol-clean reduce FRAMES -o OUT1 --workers 1``  (a LocalCluster of 1 process)
 2. ``robopol-clean reduce FRAMES -o OUT2 --workers 2``  (2 processes)
@@ -504,7 +504,7 @@ def build_report(runs: list[dict], n_frames: int, header: dict, det: dict) -> di
         f"{header['seed']}, stars drawn 150-900 per frame: {header['n_stars_total']} stars, "
         f"{header['n_stars_min']}-{header['n_stars_max']} per frame); simulated in "
         f"{header['simulate_s']:.0f} s, not timed.",
-        "Classifier: the default (CNN + orphan-pair cue), loaded once per worker. Wall time = the "
+        "Classifier: the default (CNN + partner cues), loaded once per worker. Wall time = the "
         "whole command (Python + TensorFlow import, cluster start for the LocalCluster runs, model "
         "load, frames, night products). The --scheduler run's processes were started and "
         "connected before the clock started, so its wall time excludes worker start-up.",

@@ -6,7 +6,7 @@
 One simulated 2048 x 2048 frame with ~800 stars (seeded) is written to a temporary
 FITS file, then read with :func:`robopol_clean.io.read_frame`, reduced with
 :func:`robopol_clean.pipeline.reduce_frame` (its ``meta['timings']``: background,
-detection, grouping, classification = cutouts + network/morphology + orphan cue,
+detection, grouping, classification = cutouts + network/morphology + partner cues,
 masking, photometry, Stokes) and written with
 :func:`robopol_clean.products.write_products` (no diagnostic PNG). The classifier is
 loaded once beforehand (its load time is reported separately). The full run reduces

@@ -4,8 +4,8 @@
 
 Full RoboPol frames with many reflection sources (seeds 30_000+) are reduced by the
 same pipeline three ways: without cleaning (a classifier that scores every spot 0, so
-nothing is rejected or masked), with the classical morphology + orphan classifier,
-and with the pipeline default (the shipped CNN + orphan cue) when the model exists.
+nothing is rejected or masked), with the classical morphology + partner-cue classifier,
+and with the pipeline default (the shipped CNN + partner cues) when the model exists.
 Every Stokes row (one per clean quadruplet) is matched to the true star whose pattern
 centre lies within 3 px (complete, unsaturated stars only); the pulls
 ``(q - q_true) / q_err`` and ``(u - u_true) / u_err`` are pooled over frames. A row
@@ -88,9 +88,9 @@ def run(ctx: Context) -> Section:
     sec = Section(KEY, TITLE)
     clf, name, _, why = load_default_classifier(ctx)
     configs = [("no cleaning", _zero_classifier()),
-               ("morphology + orphan cue", MorphologyClassifier())]
+               ("morphology + partner cues", MorphologyClassifier())]
     if name == "cnn":
-        configs.append(("CNN + orphan cue (default)", clf))
+        configs.append(("CNN + partner cues (default)", clf))
     seeds = [30_000] if ctx.quick else [30_000, 30_001, 30_002]
     n_stars, n_sources = 500, 12
     acc = {c: {"pq": [], "pu": [], "near": [], "rows": 0, "spurious": 0, "seconds": 0.0}

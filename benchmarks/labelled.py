@@ -8,9 +8,12 @@ the real pipeline, and every detected spot is labelled from the truth tables
 (:func:`_common.match_spots_to_truth`). One pass per frame computes every score the
 benchmarks compare, on exactly the pipeline's detections and cutouts:
 
-- ``p_morph`` (morphology alone) and ``p_morph_orphan`` (+ the orphan-pair cue, the
-  package's classical classifier) from :class:`robopol_clean.classify.MorphologyClassifier`;
-- ``p_cnn`` and ``p_cnn_orphan`` from the shipped CNN, when it exists;
+- ``p_morph`` (morphology alone) and ``p_morph_orphan`` (+ the partner cues, the
+  package's classical classifier :class:`robopol_clean.classify.MorphologyClassifier`);
+- ``p_orphan`` and ``partner_support``, the partner cues alone
+  (:func:`robopol_clean.classify.partner_evidence`);
+- ``p_cnn`` and ``p_cnn_orphan`` (+ the partner cues: the pipeline default) from the
+  shipped CNN, when it exists;
 - DAOStarFinder's ``dao_sharpness``, ``dao_roundness1``, ``dao_roundness2`` measured
   at each detected position (photutils ``xycoords``) on the background-subtracted frame;
 - the detection columns (features for the random forest);
@@ -29,9 +32,9 @@ from scipy.spatial import cKDTree
 
 __all__ = ["LabelledSet", "labelled_set", "dao_measure"]
 
-#: Spot features given to the random forest (detection + grouping + orphan cue).
+#: Spot features given to the random forest (detection + grouping + partner cues).
 FEATURES = ("elongation", "rel_fwhm", "sharpness", "asymmetry", "log_snr", "log_peak",
-            "rel_npix", "transmission", "saturated", "p_orphan", "grouped")
+            "rel_npix", "transmission", "saturated", "p_orphan", "partner_support", "grouped")
 
 
 @dataclass
@@ -88,25 +91,30 @@ def dao_measure(data: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float) -> 
 
 
 def _make_scorer(cnn, keep_cutouts: bool):
-    """A SpotClassifier that records every score; decides with morphology + orphan."""
-    from robopol_clean.classify import MorphologyClassifier, SpotClassifier, noisy_or
+    """A SpotClassifier that records every score; decides with morphology + partner cues."""
+    from robopol_clean.classify import (
+        SpotClassifier,
+        combine_evidence,
+        morphology_score,
+        partner_evidence,
+    )
 
     class AllScores(SpotClassifier):
         name = "bench-all-scores"
 
         def __init__(self):
-            self.morph = MorphologyClassifier(use_orphan_cue=True)
             self.last_cutouts = None
 
         def score(self, scene):
-            s = self.morph.score(scene)
-            out = Table({"p_morph": np.asarray(s["p_morph"], float),
-                         "p_orphan": np.asarray(s["p_orphan"], float),
-                         "p_morph_orphan": np.asarray(s["p_artifact"], float)})
+            ev = partner_evidence(scene)
+            p_morph = np.asarray(morphology_score(scene.spots, scene.fwhm)["p_morph"], float)
+            out = Table({"p_morph": p_morph, "p_orphan": np.asarray(ev.p_orphan, float),
+                         "partner_support": np.asarray(ev.support, bool),
+                         "p_morph_orphan": combine_evidence(p_morph, ev)})
             if cnn is not None:
-                p = cnn.predict_spots(scene.data, scene.spots, background_subtracted=True)
+                p = cnn.predict_spots(scene.data, scene.spots, background_subtracted=True, fwhm=scene.fwhm)
                 out["p_cnn"] = p
-                out["p_cnn_orphan"] = noisy_or(p, out["p_orphan"])
+                out["p_cnn_orphan"] = combine_evidence(p, ev)
             dao = dao_measure(scene.data, np.asarray(scene.spots["x"], float),
                               np.asarray(scene.spots["y"], float), scene.fwhm)
             for c in dao.colnames:
@@ -115,7 +123,10 @@ def _make_scorer(cnn, keep_cutouts: bool):
             if keep_cutouts:
                 from robopol_clean.classify.cnn import spot_cutouts
 
-                self.last_cutouts = spot_cutouts(scene.data, scene.spots, background_subtracted=True)
+                norm = {} if cnn is None else {"version": cnn.normalisation_version,
+                                               "params": cnn.normalisation}
+                self.last_cutouts = spot_cutouts(scene.data, scene.spots, background_subtracted=True,
+                                                 fwhm=scene.fwhm, **norm)
             out["p_artifact"] = out["p_morph_orphan"]
             return out
 
@@ -169,6 +180,8 @@ def labelled_set(ctx: Context, which: str, *, keep_cutouts: bool = False) -> Lab
             "rel_fwhm": np.asarray(sp["fwhm"], float)[keep] / fw,
             "sharpness": np.asarray(sp["sharpness"], float)[keep],
             "asymmetry": np.asarray(sp["asymmetry"], float)[keep],
+            "snr": np.asarray(sp["snr"], float)[keep],
+            "usable": np.asarray(sp["usable"], bool)[keep],
             "log_snr": np.log10(np.maximum(np.asarray(sp["snr"], float)[keep], 1e-3)),
             "log_peak": np.log10(np.maximum(np.asarray(sp["peak"], float)[keep], 1e-3)),
             "rel_npix": np.asarray(sp["npix"], float)[keep] / fw**2,
@@ -176,7 +189,7 @@ def labelled_set(ctx: Context, which: str, *, keep_cutouts: bool = False) -> Lab
             "saturated": np.asarray(sp["saturated"], float)[keep],
             "grouped": (np.asarray(sp["group_id"]) >= 0).astype(float)[keep],
         })
-        for c in ("p_morph", "p_orphan", "p_morph_orphan", "p_cnn", "p_cnn_orphan",
+        for c in ("p_morph", "p_orphan", "partner_support", "p_morph_orphan", "p_cnn", "p_cnn_orphan",
                   "dao_sharpness", "dao_roundness1", "dao_roundness2"):
             if c in sp.colnames:
                 t[c] = np.asarray(sp[c], float)[keep]

@@ -35,7 +35,7 @@ def _add_common_reduce_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="robopol", metavar="P",
                    help="instrument profile: a shipped name or a TOML file (default: robopol)")
     p.add_argument("--classifier", choices=["cnn", "morphology"], default="cnn",
-                   help="artifact classifier (default: cnn, combined with the orphan-pair cue)")
+                   help="artifact classifier (default: cnn, combined with the partner cues)")
     p.add_argument("--model", default=None, metavar="MODEL.keras",
                    help="use this trained network (with its .json) instead of the shipped one")
     p.add_argument("--threshold", type=_probability, default=None, metavar="T",

@@ -46,7 +46,8 @@ CALIBRATE_FLUX_ERRORS = True
 _SCORE_DESCRIPTIONS = {
     "p_artifact": "decision score: probability the spot is an artifact (0-1)",
     "p_cnn": "CNN probability from the spot's 64 x 64 cutout alone",
-    "p_orphan": "orphan-pair cue: evidence the spot's partner spots are missing (0-1)",
+    "p_orphan": "orphan cue: evidence the spot's partner spots are missing (0-1)",
+    "partner_support": "all observable partner spots present at star-like fluxes",
     "p_morph": "morphology baseline score (noisy-OR of the p_* shape terms)",
     "p_elongated": "shape term: elongation above the frame's stellar range",
     "p_sharp": "shape term: much sharper than the seeing (cosmic-ray like)",
@@ -95,7 +96,7 @@ class FrameResult:
 def get_classifier(classifier: str | SpotClassifier | None = None) -> SpotClassifier:
     """Resolve a classifier name (``"cnn"`` or ``"morphology"``) or instance.
 
-    ``None`` gives the default: the shipped CNN combined with the orphan-pair cue.
+    ``None`` gives the default: the shipped CNN combined with the partner cues.
     A path to a ``.keras`` file loads that network (with its ``.json`` metadata).
     Loading a network takes a few seconds: resolve once and reuse the instance.
     """

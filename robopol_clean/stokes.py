@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from astropy.table import Table
@@ -470,6 +470,10 @@ class PairRatioCheck:
         of a clipped unit Gaussian. Contamination of a spot changes ``log R`` as much as it
         changes q or u, so ``sqrt(error_scale^2 flux_err^2 + error_confusion^2)`` is a
         flux error that also covers the light the photometry could not separate.
+    coefficients : ndarray
+        The fitted polynomial's coefficients (empty when no model could be fitted).
+    powers : tuple of (int, int)
+        The ``(i, j)`` of each coefficient's term ``xn**i * yn**j``.
     """
 
     z: np.ndarray
@@ -478,6 +482,15 @@ class PairRatioCheck:
     confusion: float
     error_scale: float
     error_confusion: float
+    coefficients: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    powers: tuple = ()
+
+    def model_at(self, xn, yn) -> np.ndarray:
+        """The fitted ``log R`` at normalised positions (NaN if nothing was fitted)."""
+        xn, yn = np.asarray(xn, float), np.asarray(yn, float)
+        if not len(self.powers):
+            return np.full(np.broadcast(xn, yn).shape, np.nan)
+        return sum(c * xn**i * yn**j for c, (i, j) in zip(self.coefficients, self.powers))
 
 
 def pair_ratio_residuals(f0, f45, f90, f135, e0, e45, e90, e135, xn, yn, *, degree: int = 2,
@@ -600,7 +613,7 @@ def pair_ratio_residuals(f0, f45, f90, f135, e0, e45, e90, e135, xn, yn, *, degr
         if np.count_nonzero(kept) >= 10:
             err_scale, err_conf = _chi2_noise(res[kept], var[kept], w[kept], float(clip))
     return PairRatioCheck(z, np.where(ok, model, np.nan), float(scale), float(conf),
-                          float(err_scale), float(err_conf))
+                          float(err_scale), float(err_conf), coef, tuple(powers))
 
 
 def _weighted_fit(basis: np.ndarray, y: np.ndarray, variance: np.ndarray,

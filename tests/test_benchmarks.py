@@ -29,7 +29,7 @@ def test_quick_benchmark_prints_a_table(tmp_path):
     out = proc.stdout
     assert "robopol-clean benchmarks (quick)" in out
     assert "Stage profile" in out and "Classical baselines" in out
-    assert "morphology + orphan cue" in out and "DAOStarFinder" in out
+    assert "morphology + partner cues" in out and "DAOStarFinder" in out
     for stage in ("read", "background", "detection", "classification", "photometry", "write", "total"):
         assert f"\n   {stage} " in out, stage
     data = json.loads(out_json.read_text())
@@ -39,7 +39,7 @@ def test_quick_benchmark_prints_a_table(tmp_path):
     assert set(sections) == {"stages", "baselines"}
     assert all(s["status"] == "ok" for s in sections.values())
     assert sections["stages"]["data"]["stages"]["total"] > 0
-    morph = sections["baselines"]["data"]["methods"]["morphology + orphan cue"]
+    morph = sections["baselines"]["data"]["methods"]["morphology + partner cues"]
     assert 0.5 < morph["auc"] <= 1.0
     rst = out_rst.read_text()
     assert rst.startswith(":orphan:") and ".. list-table::" in rst and "performance-table-start" in rst

@@ -5,11 +5,13 @@ from astropy.table import Table
 from robopol_clean.classify import (
     FrameScene,
     MorphologyClassifier,
+    combine_evidence,
     decide,
     morphology_score,
     noisy_or,
-    orphan_score,
+    partner_evidence,
 )
+from robopol_clean.classify.orphan import fit_pair_ratio
 from robopol_clean.instrument import load_profile
 
 PROFILE = load_profile("robopol")
@@ -52,11 +54,24 @@ def scene():
 
 
 def test_orphan_cue_flags_pair_not_star(scene):
-    p, best = orphan_score(scene)
+    ev = partner_evidence(scene)
+    p = ev.p_orphan
     assert np.all(p[:4] < 0.05), p  # the star's spots have all their partners
-    assert list(best[:4]) == list(PROFILE.channels)
+    assert list(ev.channel[:4]) == list(PROFILE.channels)
     assert np.all(p[4:6] > 0.9), p  # a bright pair with no partners
     assert p[6] < 0.1  # a faint spot: no evidence either way
+    # support: only the star's spots have all their partners at star-like fluxes
+    assert ev.support.tolist() == [True] * 4 + [False] * 3
+    assert ev.log_pair_ratio is None  # no channels in this table: the fallback ratio
+
+
+def test_combine_evidence(scene):
+    ev = partner_evidence(scene)
+    p = combine_evidence(np.full(7, 0.9), ev)
+    assert np.all(p[:4] < 0.05)  # a confirmed quadruplet overrides the cutout's verdict
+    assert np.all(p[4:] >= 0.9)  # no support: the learned score stays (or rises)
+    assert np.all(combine_evidence(np.full(7, 0.2), ev)[4:6] > 0.9)  # missing partners
+    assert np.array_equal(combine_evidence(np.full(7, 0.3), None), np.full(7, 0.3))
 
 
 def test_orphan_cue_ignores_partners_hidden_by_mask(scene):
@@ -67,8 +82,9 @@ def test_orphan_cue_ignores_partners_hidden_by_mask(scene):
         hidden[max(0, y - 8): y + 8, max(0, x - 8): x + 8] = True
     masked = FrameScene(scene.data, scene.background, scene.background_rms, scene.spots, PROFILE,
                         PROFILE.geometry, scene.fwhm, hidden)
-    p, _ = orphan_score(masked)
-    assert np.all(p[4:6] < 0.05)  # partners unobservable: no evidence
+    ev = partner_evidence(masked)
+    assert np.all(ev.p_orphan[4:6] < 0.05)  # partners unobservable: no evidence
+    assert not ev.support[4:6].any()
 
 
 def test_morphology_scores():
@@ -105,3 +121,54 @@ def test_decide_and_combine():
     assert rej.tolist() == [False, False, True, True]
     assert unc.tolist() == [False, True, False, False]
     np.testing.assert_allclose(noisy_or(np.array([0.5]), np.array([0.5])), [0.75])
+
+
+def _field_of_quadruplets(slope, rng, n_side=4, flux=8000.0, noise=5.0):
+    """A 1000x1000 detector corner tiled with star patterns whose u/q pair ratio is
+    exp(slope * xn); returns the image, the spots table (grouped) and the noise level."""
+    img = np.zeros((1000, 1000), np.float32)
+    geo = PROFILE.geometry
+    (c0, c90), (c45, c135) = PROFILE.q_channels, PROFILE.u_channels
+    rows = []
+    for g, (cx, cy) in enumerate((x, y) for x in np.linspace(180, 820, n_side)
+                                 for y in np.linspace(180, 820, n_side)):
+        ratio = np.exp(slope * (cx - geo.center[0]) / geo.scale)
+        iq = flux / (1 + ratio)
+        fluxes = {c0: iq / 2, c90: iq / 2, c45: iq * ratio / 2, c135: iq * ratio / 2}
+        pos = PROFILE.spot_positions(cx, cy)
+        for ch in PROFILE.channels:
+            _gauss(img, pos[ch][0], pos[ch][1], fluxes[ch])
+            rows.append((float(pos[ch][0]), float(pos[ch][1]), g, ch))
+    img += rng.normal(0, noise, img.shape).astype(np.float32)
+    return img, rows
+
+
+def test_pair_ratio_fitted_from_quadruplets_sharpens_orphan_cue():
+    rng = np.random.default_rng(3)
+    img, rows = _field_of_quadruplets(1.5, rng)
+    # An orphan top-bottom pair (u channels) in the frame's faint-u region: each missing
+    # q partner is expected ~2x brighter than the pair itself there.
+    pair = PROFILE.spot_positions(500.0, 500.0)
+    for ch in PROFILE.u_channels:  # grouped as a pair, as the grouping step would
+        _gauss(img, pair[ch][0], pair[ch][1], 400.0)
+        rows.append((float(pair[ch][0]), float(pair[ch][1]), 99, ch))
+    x, y, gid, ch = (list(v) for v in zip(*rows))
+    spots = Table({"x": x, "y": y, "peak": np.full(len(x), 100.0), "group_id": gid, "channel": ch})
+    rms = np.full(img.shape, 5.0, np.float32)
+    scene = FrameScene(img, np.zeros_like(img), rms, spots, PROFILE, PROFILE.geometry, 4.3)
+    own = np.asarray([1.0] * len(x))
+    fit = fit_pair_ratio(scene, own, own * 0.01)
+    assert fit is not None
+    ev = partner_evidence(scene)
+    geo = PROFILE.geometry
+    expected = 1.5 * (np.mean(x[:-2]) - geo.center[0]) / geo.scale
+    assert ev.log_pair_ratio == pytest.approx(expected, abs=0.1)
+    assert ev.support[:-2].all() and not ev.support[-2:].any()
+    assert np.all(ev.p_orphan[:-2] < 0.05)
+    assert np.all(ev.p_orphan[-2:] > 0.9), ev.z_orphan[-2:]
+    # Without the fitted ratio (no channels known) the same pair is only weakly suspect.
+    blind = FrameScene(img, np.zeros_like(img), rms, spots[["x", "y", "peak"]], PROFILE,
+                       PROFILE.geometry, 4.3)
+    ev_blind = partner_evidence(blind)
+    assert ev_blind.log_pair_ratio is None
+    assert np.all(ev_blind.z_orphan[-2:] < ev.z_orphan[-2:] - 3)

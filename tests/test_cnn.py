@@ -101,6 +101,28 @@ def test_normalisation_versions():
         normalisation_params(1, bogus=2)
     p = normalisation_params(1, k=5)
     assert p["k"] == 5.0
+    assert "fwhm_ref" not in p and normalisation_params(2)["fwhm_ref"] > 0
+
+
+def test_version_2_cutouts_see_every_frame_at_the_same_seeing():
+    yy, xx = np.mgrid[0:300, 0:300]
+    ref = normalisation_params(2)["fwhm_ref"]
+    widths = []
+    for fwhm in (3.0, 4.3, 7.0):
+        sigma = fwhm / 2.3548
+        img = (1000 * np.exp(-((xx - 150.3) ** 2 + (yy - 149.6) ** 2) / (2 * sigma**2))).astype(np.float32)
+        spots = Table({"x": [150.3], "y": [149.6], "sky_rms": [1.0]}, meta={"fwhm": fwhm})
+        v2 = spot_cutouts(img, spots, version=2)[0]
+        v1 = spot_cutouts(img, spots, version=1)[0]
+        half = v2 >= 0.25 * np.arcsinh(1000 / 2 / 3)  # pixels above half the peak
+        widths.append(np.sqrt(half.sum() * 4 / np.pi))
+        peak = np.unravel_index(np.argmax(v2), v2.shape)
+        assert abs(peak[0] - 32) <= 1 and abs(peak[1] - 32) <= 1  # centred
+        if fwhm == ref:
+            np.testing.assert_allclose(v2, v1)
+    # in native pixels the widths would differ by 7/3; resampled they agree
+    assert max(widths) - min(widths) < 1.0, widths
+    assert widths[1] == pytest.approx(ref, abs=0.8)
 
 
 def test_save_load_round_trip_identical(saved_model):
@@ -183,6 +205,9 @@ def test_predict_spots_raw_vs_background_subtracted(saved_model):
     img += 800 * np.exp(-((xx - 60) ** 2 + (yy - 80) ** 2) / 8.0)
     spots = Table({"x": [60.0, 150.0, 2.0], "y": [80.0, 40.0, 198.0], "sky": [300.0] * 3,
                    "sky_rms": [5.0] * 3})
+    with pytest.raises(ValueError, match="FWHM"):  # version 2 resamples to a common seeing
+        clf.predict_spots(img, spots)
+    spots.meta["fwhm"] = 4.3
     p_sub = clf.predict_spots(img, spots, background_subtracted=True)
     p_raw = clf.predict_spots(img + 300.0, spots)
     np.testing.assert_allclose(p_raw, p_sub, atol=1e-5)
@@ -200,7 +225,8 @@ def test_score_scene_table(saved_model, profile):
     spots = Table({"x": [30.0, 90.0], "y": [40.0, 64.0], "sky_rms": [3.0, 3.0]})
     scene = FrameScene(img, img, img + 3, spots, profile, profile.geometry, 4.3)
     scores = clf.score(scene)
-    assert set(scores.colnames) == {"p_cnn", "p_orphan", "p_artifact"}
+    assert set(scores.colnames) == {"p_cnn", "p_orphan", "partner_support", "p_artifact"}
+    assert not scores["partner_support"].any()
     np.testing.assert_allclose(scores["p_artifact"], scores["p_cnn"])
 
 

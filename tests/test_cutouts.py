@@ -3,7 +3,7 @@ import time
 import numpy as np
 import pytest
 
-from robopol_clean.cutouts import cutout_origin, extract_cutouts
+from robopol_clean.cutouts import cutout_origin, extract_cutouts, resample_image, resampled_cutouts
 
 
 @pytest.fixture
@@ -78,3 +78,21 @@ def test_fast_gather():
     elapsed = time.perf_counter() - t0
     assert cut.shape == (1000, 64, 64)
     assert elapsed < 0.25  # ~15 ms on an idle core; generous for a shared machine
+
+
+def test_resampled_cutouts(image):
+    x, y = np.array([10.2, 40.0, 3.0]), np.array([20.7, 33.0, 60.0])
+    np.testing.assert_array_equal(resampled_cutouts(image, x, y, 16, 1.0, fill=0.0),
+                                  extract_cutouts(image, x, y, 16, fill=0.0))
+    # A linear ramp is resampled exactly: sample (r, c) of the frame resampled by s
+    # lies at (c * s, r * s).
+    ramp = np.add.outer(np.arange(50.0) * 3.0, np.arange(70.0))  # value = x + 3 y
+    small = resample_image(ramp, 1.5)
+    assert small.shape == (33, 47)
+    rr, cc = np.mgrid[0:33, 0:47]
+    np.testing.assert_allclose(small, cc * 1.5 + 3 * rr * 1.5, rtol=1e-6)
+    cut = resampled_cutouts(ramp, [30.0], [30.0], 8, 1.5)[0]
+    assert cut[4, 4] == pytest.approx(30.0 + 3 * 30.0)  # centred on the sample nearest (x, y)
+    assert np.isnan(resampled_cutouts(ramp, [1.0], [1.0], 8, 2.0)).any()  # off the frame
+    with pytest.raises(ValueError, match="scale"):
+        resample_image(ramp, 0.0)

@@ -9,9 +9,9 @@ from robopol_clean.training import _truth_with_extent, match_detections
 
 
 def test_shipped_model_auc_on_fresh_frames():
-    # Training used seeds derived from 0; these frames come from other seeds. Measured when
-    # the model was shipped: AUC 0.987 (default decision) and 0.969 (CNN alone) on seeds
-    # 900-902. The morphology baseline scores ~0.95 on such data, so 0.97 is a real bar.
+    # Training used seeds derived from 0; these frames come from other seeds. Measured:
+    # AUC 0.9995 (default decision: CNN + partner cues) and 0.974 (CNN alone) on seeds
+    # 900-901; the morphology baseline scores ~0.95 on such data.
     clf = get_classifier("cnn")
     labels, p_default, p_cnn = [], [], []
     for seed in (900, 901):
@@ -24,5 +24,5 @@ def test_shipped_model_auc_on_fresh_frames():
         p_cnn.append(np.asarray(result.spots["p_cnn"])[ok])
     y = np.concatenate(labels)
     assert 20 < y.sum() < len(y)
-    assert roc_auc_score(y, np.concatenate(p_default)) >= 0.97
+    assert roc_auc_score(y, np.concatenate(p_default)) >= 0.995
     assert roc_auc_score(y, np.concatenate(p_cnn)) >= 0.94

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
-from .base import FrameScene, SpotClassifier, noisy_or
-from .orphan import orphan_score
+from .base import FrameScene, SpotClassifier
+from .orphan import partner_evidence, scores_table
 
 # Most of TensorFlow's C++ log messages are not for our users; a
 # value the user set is kept.
@@ -62,16 +62,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Version of :func:`normalise_cutouts`; stored in every model's metadata.
-NORMALISATION_VERSION = 1
+#: Version of the cutout normalisation (:func:`spot_cutouts`, :func:`normalise_cutouts`);
+#: stored in every model's metadata. Version 1: native pixels. Version 2: the frame is
+#: first resampled so that its stellar FWHM spans ``fwhm_ref`` cutout pixels, so the
+#: network sees every frame at the same seeing (a spot broader or sharper than the
+#: frame's stars looks so whatever the night).
+NORMALISATION_VERSION = 2
 
-#: Parameters of normalisation version 1 (see :func:`normalise_cutouts`).
-DEFAULT_NORMALISATION: dict[str, Any] = {
-    "version": NORMALISATION_VERSION,
-    "stretch": "asinh",
-    "k": 3.0,        # asinh softening, in units of the sky noise
-    "scale": 0.25,   # final multiplier: keeps values of order 1 (asinh(1e4/3)*0.25 ~ 2.2)
+_NORMALISATIONS: dict[int, dict[str, Any]] = {
+    1: {"version": 1, "stretch": "asinh",
+        "k": 3.0,        # asinh softening, in units of the sky noise
+        "scale": 0.25},  # final multiplier: keeps values of order 1 (asinh(1e4/3)*0.25 ~ 2.2)
+    2: {"version": 2, "stretch": "asinh", "k": 3.0, "scale": 0.25,
+        "fwhm_ref": 4.3},  # px: the stellar FWHM in the cutouts
 }
+
+#: Parameters of the current normalisation version (see :func:`normalise_cutouts`).
+DEFAULT_NORMALISATION: dict[str, Any] = _NORMALISATIONS[NORMALISATION_VERSION]
 
 #: Cutout side (px) of the shipped network.
 CUTOUT_SIZE = 64
@@ -106,16 +113,16 @@ def normalisation_params(version: int = NORMALISATION_VERSION, **overrides) -> d
     ValueError
         For an unknown version or parameter.
     """
-    if int(version) != 1:
+    if int(version) not in _NORMALISATIONS:
         raise ValueError(f"unknown cutout normalisation version {version!r} "
-                         f"(this robopol_clean knows version {NORMALISATION_VERSION})")
-    params = dict(DEFAULT_NORMALISATION)
+                         f"(this robopol_clean knows versions {sorted(_NORMALISATIONS)})")
+    params = dict(_NORMALISATIONS[int(version)])
     for key, value in overrides.items():
         if key not in params or key in ("version", "stretch"):
             raise ValueError(f"unknown normalisation parameter {key!r}")
         params[key] = float(value)
-    if params["k"] <= 0 or params["scale"] <= 0:
-        raise ValueError("normalisation parameters k and scale must be positive")
+    if params["k"] <= 0 or params["scale"] <= 0 or params.get("fwhm_ref", 1.0) <= 0:
+        raise ValueError("normalisation parameters k, scale and fwhm_ref must be positive")
     return params
 
 
@@ -183,12 +190,16 @@ def normalise_cutouts(cutouts: np.ndarray, sky: np.ndarray | float = 0.0,
 
 
 def spot_cutouts(data: np.ndarray, spots: Table, *, size: int = CUTOUT_SIZE,
-                 background_subtracted: bool = True, version: int = NORMALISATION_VERSION,
+                 background_subtracted: bool = True, fwhm: float | None = None,
+                 version: int = NORMALISATION_VERSION,
                  params: dict[str, Any] | None = None) -> np.ndarray:
     """Normalised cutouts of every spot of an image: what the network sees.
 
     Training (:mod:`robopol_clean.training`) and inference (:class:`CNNClassifier`)
-    both go through this function. Pixels outside the frame count as sky.
+    both go through this function. Pixels outside the frame count as sky. From
+    version 2 on, the image is resampled every ``fwhm / fwhm_ref`` pixels
+    (:func:`~robopol_clean.cutouts.resampled_cutouts`) so that the frame's stars
+    have the same width in every cutout.
 
     Parameters
     ----------
@@ -200,17 +211,36 @@ def spot_cutouts(data: np.ndarray, spots: Table, *, size: int = CUTOUT_SIZE,
         Cutout side (px).
     background_subtracted : bool
         Use sky = 0 (the image already has its sky removed) instead of ``spots['sky']``.
+    fwhm : float, optional
+        The frame's stellar FWHM (px); default ``spots.meta['fwhm']`` (set by
+        :func:`~robopol_clean.detection.detect_spots`). Needed from version 2 on.
     version, params
         Normalisation (see :func:`normalise_cutouts`).
 
     Returns
     -------
     ndarray, shape (len(spots), size, size), float32
-    """
-    from ..cutouts import extract_cutouts
 
-    cut = extract_cutouts(np.asarray(data, np.float32), np.asarray(spots["x"], float),
-                          np.asarray(spots["y"], float), size=size, fill=np.nan)
+    Raises
+    ------
+    ValueError
+        If the normalisation needs the FWHM and none is given or known.
+    """
+    from ..cutouts import extract_cutouts, resampled_cutouts
+
+    params = normalisation_params(version) if params is None else params
+    if len(spots) == 0:
+        return np.zeros((0, size, size), np.float32)
+    x, y = np.asarray(spots["x"], float), np.asarray(spots["y"], float)
+    data = np.asarray(data, np.float32)
+    if int(version) >= 2:
+        fwhm = spots.meta.get("fwhm") if fwhm is None else fwhm
+        if fwhm is None or not np.isfinite(fwhm) or fwhm <= 0:
+            raise ValueError(f"cutout normalisation version {version} needs the frame's stellar "
+                             f"FWHM (got {fwhm!r}): pass fwhm= or set spots.meta['fwhm']")
+        cut = resampled_cutouts(data, x, y, size, float(fwhm) / float(params["fwhm_ref"]), fill=np.nan)
+    else:
+        cut = extract_cutouts(data, x, y, size=size, fill=np.nan)
     sky = 0.0 if background_subtracted else np.asarray(spots["sky"], float)
     return normalise_cutouts(cut, sky, np.asarray(spots["sky_rms"], float), version=version, params=params)
 
@@ -379,8 +409,9 @@ class CNNClassifier(SpotClassifier):
     path : Path, optional
         Where the model was loaded from (recorded in :meth:`describe`).
     use_orphan_cue : bool
-        Combine ``p_cnn`` with the instrument's orphan-pair cue by noisy-OR in
-        :meth:`score` (default True).
+        Combine ``p_cnn`` with the instrument's partner cues (orphan and support,
+        :func:`~robopol_clean.classify.orphan.combine_evidence`) in :meth:`score`
+        (default True).
     batch_size : int
         Cutouts per network call.
     """
@@ -507,7 +538,7 @@ class CNNClassifier(SpotClassifier):
                                  params=self.normalisation)
 
     def predict_spots(self, data: np.ndarray, spots: Table, *, background_subtracted: bool = False,
-                      profile=None) -> np.ndarray:
+                      fwhm: float | None = None, profile=None) -> np.ndarray:
         """``p_cnn`` of every spot of an image.
 
         Parameters
@@ -519,6 +550,9 @@ class CNNClassifier(SpotClassifier):
             ``sky`` (the local sky level subtracted from each cutout).
         background_subtracted : bool
             ``data`` already has its sky removed (as in a FrameScene): use sky = 0.
+        fwhm : float, optional
+            The frame's stellar FWHM (px; default ``spots.meta['fwhm']``), for models
+            whose normalisation resamples to a common seeing.
         profile : InstrumentProfile, optional
             Unused (accepted for interface symmetry).
 
@@ -529,7 +563,7 @@ class CNNClassifier(SpotClassifier):
         if len(spots) == 0:
             return np.zeros(0)
         x = spot_cutouts(data, spots, size=self.size, background_subtracted=background_subtracted,
-                         version=self.normalisation_version, params=self.normalisation)
+                         fwhm=fwhm, version=self.normalisation_version, params=self.normalisation)
         return self.predict_cutouts(x)
 
     def score(self, scene: FrameScene) -> Table:
@@ -538,16 +572,13 @@ class CNNClassifier(SpotClassifier):
         Returns
         -------
         Table
-            ``p_cnn`` (the network), ``p_orphan`` (the orphan-pair cue, 0 when
-            disabled) and ``p_artifact`` = noisy-OR of the two.
+            ``p_cnn`` (the network), ``p_orphan`` and ``partner_support`` (the partner
+            cues of :func:`~robopol_clean.classify.orphan.partner_evidence`; 0 and
+            False when disabled) and ``p_artifact``, their combination
+            (:func:`~robopol_clean.classify.orphan.combine_evidence`).
         """
-        p_cnn = self.predict_spots(scene.data, scene.spots, background_subtracted=True)
-        if self.use_orphan_cue and len(scene.spots):
-            p_orphan, _ = orphan_score(scene)
-        else:
-            p_orphan = np.zeros(len(scene.spots))
-        return Table({"p_cnn": p_cnn, "p_orphan": np.asarray(p_orphan, float),
-                      "p_artifact": noisy_or(p_cnn, p_orphan)})
+        p_cnn = self.predict_spots(scene.data, scene.spots, background_subtracted=True, fwhm=scene.fwhm)
+        return scores_table("p_cnn", p_cnn, partner_evidence(scene) if self.use_orphan_cue else None)
 
     def describe(self) -> dict:
         """Name, model file, normalisation and threshold, for provenance."""

@@ -1,4 +1,4 @@
-"""The classical baseline: spot morphology plus the instrument's orphan-pair cue.
+"""The classical baseline: spot morphology plus the instrument's partner cues.
 
 No learning: each feature is turned into evidence by a smooth step at a documented
 threshold, and the pieces are combined as independent evidence (noisy-OR):
@@ -10,7 +10,7 @@ threshold, and the pieces are combined as independent evidence (noisy-OR):
 - head/tail asymmetry along the major axis: a comet-like streak is lopsided;
 - consistency within a quadruplet: the four spots of a star share one PSF, so a spot
   much more elongated than its group mates is suspect;
-- the orphan cue (:func:`~robopol_clean.classify.orphan.orphan_score`).
+- the partner cues (orphan and support, :func:`~robopol_clean.classify.orphan.partner_evidence`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from astropy.table import Table
 from scipy import ndimage
 
 from .base import FrameScene, SpotClassifier, noisy_or
-from .orphan import orphan_score
+from .orphan import partner_evidence, scores_table
 
 __all__ = ["MorphologyClassifier", "morphology_score"]
 
@@ -77,12 +77,13 @@ def morphology_score(spots: Table, fwhm: float) -> Table:
 
 
 class MorphologyClassifier(SpotClassifier):
-    """Classical baseline: morphology features combined with the orphan-pair cue.
+    """Classical baseline: morphology features combined with the partner cues.
 
     Parameters
     ----------
     use_orphan_cue : bool
-        Combine the morphology score with the orphan-pair cue (default True).
+        Combine the morphology score with the instrument's partner cues (orphan and
+        support, :func:`~robopol_clean.classify.orphan.combine_evidence`; default True).
     """
 
     name = "morphology"
@@ -92,12 +93,10 @@ class MorphologyClassifier(SpotClassifier):
 
     def score(self, scene: FrameScene) -> Table:
         scores = morphology_score(scene.spots, scene.fwhm)
-        if self.use_orphan_cue:
-            p_orphan, _ = orphan_score(scene)
-        else:
-            p_orphan = np.zeros(len(scene.spots))
-        scores["p_orphan"] = p_orphan
-        scores["p_artifact"] = noisy_or(scores["p_morph"], p_orphan)
+        cues = scores_table("p_morph", scores["p_morph"],
+                            partner_evidence(scene) if self.use_orphan_cue else None)
+        for name in ("p_orphan", "partner_support", "p_artifact"):
+            scores[name] = cues[name]
         return scores
 
     def describe(self) -> dict:

@@ -1,27 +1,91 @@
-"""The instrument's own cue: a spot whose partner spots are missing cannot be a star.
+"""The instrument's own evidence: does a spot have the partner spots a star must have?
 
-A real point source always produces all four spots. For each spot and each channel it
-might belong to, the frame's geometry predicts where the other three spots must be;
-forced aperture sums at those places tell whether they are there. A bright spot (or
-a bright left-right or top-bottom pair) whose expected partners are absent where they
-would clearly be visible is spurious -- typically an internal reflection that passed
-through one analyser only. Faint spots, whose partners would be lost in the noise,
-get no evidence either way (score 0).
+A real point source always produces all four spots, in flux ratios the instrument
+fixes up to the source's (small) polarization. For each spot and each channel it
+might belong to, the frame's fitted geometry predicts where the other three spots
+must be; forced aperture sums there tell whether they are present. Two cues follow:
+
+- **orphan** (evidence *for* an artifact): the expected partners are missing. The
+  deficits of all observable partners below the faintest flux a star allows are added
+  and compared with their noise, so a pair of moderately faint reflections whose
+  complementary pair is absent is caught even when no single partner would be
+  significant; the evidence also needs a good part of that light to be absent (a
+  bright star whose own spot is boosted by a neighbour misses a few sigma, not most of
+  it). Faint spots, whose partners would be lost in the noise, get no evidence either
+  way.
+- **support** (evidence *for* a star): every observable partner is present, clearly
+  detected and within the flux range a star allows. No reflection, cosmic ray or dust
+  ring produces that; a spot confirmed this way keeps only a small part of a learned
+  classifier's artifact score (see :func:`combine_evidence`).
+
+The light ratio of the two analyser pairs varies over the field (on RoboPol by a factor
+~5 from one side to the other); it is fitted per frame from the complete quadruplets
+(:func:`~robopol_clean.stokes.pair_ratio_residuals`), so the expected partner fluxes
+follow the frame, not a number in the code. Partners behind the focal-plane mask are
+expected to be dimmer by at most the ratio of the mask transmissions.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from astropy.table import Table
 from photutils.aperture import CircularAperture
 
-from .base import FrameScene
+from ..stokes import pair_ratio_residuals
+from .base import FrameScene, noisy_or
 
-__all__ = ["orphan_score", "forced_sums"]
+__all__ = ["PartnerEvidence", "partner_evidence", "combine_evidence", "scores_table",
+           "forced_sums", "fit_pair_ratio"]
 
-#: Smallest plausible partner/spot flux ratio: the same analyser pair (|q| <= 0.4)...
-SAME_PAIR_MIN_RATIO = 0.4
-#: ... and the other pair (the two pairs' light ratio varies ~0.4-2.3 across RoboPol).
-OTHER_PAIR_MIN_RATIO = 0.25
+#: Smallest partner/spot flux ratio within one analyser pair, (1 - q) / (1 + q):
+#: 0.6 allows |q| up to 0.25.
+SAME_PAIR_MIN_RATIO = 0.6
+#: Tolerance on the fitted ratio of the two pairs (polarization, fit errors).
+OTHER_PAIR_TOLERANCE = 0.6
+#: Smallest other-pair/spot ratio when no pair ratio could be fitted (few quadruplets):
+#: the conservative bound for RoboPol's whole field.
+OTHER_PAIR_FALLBACK_RATIO = 0.25
+#: Partner deficit (in sigma) at which p_orphan = 0.5, and the width of the ramp 0 -> 1.
+ORPHAN_Z_HALF = 3.5
+ORPHAN_Z_WIDTH = 3.0
+#: Fraction of the lowest plausible partner light found missing at which the orphan
+#: evidence is halved, and the width of that ramp.
+MISSING_HALF = 0.2
+MISSING_WIDTH = 0.2
+#: Each partner of a supported spot must be measured at least at this S/N.
+SUPPORT_MIN_SNR = 5.0
+#: Fraction of a learned artifact score kept for a spot with full partner support.
+SUPPORT_KEEP = 0.0
+
+
+@dataclass
+class PartnerEvidence:
+    """What the partner spots say about each spot of a frame.
+
+    Attributes
+    ----------
+    p_orphan : ndarray
+        0 = no evidence, 1 = the expected partners are certainly missing.
+    z_orphan : ndarray
+        Summed deficit of the observable partners under the spot's most star-like
+        channel hypothesis (for a spot in a two-spot group: its group's channel), in
+        units of its noise (sigma).
+    support : ndarray of bool
+        All observable partners (at least two) present at star-like flux ratios.
+    channel : ndarray of str
+        The channel under which the spot looks most like a star.
+    log_pair_ratio : float or None
+        Median fitted ``log((F45 + F135) / (F0 + F90))`` of the frame (None if it could
+        not be fitted and the conservative fallback was used).
+    """
+
+    p_orphan: np.ndarray
+    z_orphan: np.ndarray
+    support: np.ndarray
+    channel: np.ndarray
+    log_pair_ratio: float | None = None
 
 
 def forced_sums(data: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float,
@@ -54,63 +118,200 @@ def forced_sums(data: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float,
     return out.reshape(shape)
 
 
-def orphan_score(scene: FrameScene, *, min_transmission: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
-    """Evidence that each spot's partner spots are missing.
+def fit_pair_ratio(scene: FrameScene, flux: np.ndarray, flux_err: np.ndarray):
+    """Fit the frame's analyser-pair light ratio from its complete quadruplets.
+
+    Parameters
+    ----------
+    scene : FrameScene
+        The frame; ``spots`` needs ``group_id`` and ``channel``.
+    flux, flux_err : ndarray
+        A flux and its error for every spot (any common unit).
+
+    Returns
+    -------
+    PairRatioCheck or None
+        The fit (:meth:`~robopol_clean.stokes.PairRatioCheck.model_at` gives
+        ``log((F45 + F135) / (F0 + F90))`` at normalised positions), or None with fewer
+        than three usable quadruplets.
+    """
+    spots, prof = scene.spots, scene.profile
+    if len(spots) < 12 or "group_id" not in spots.colnames or "channel" not in spots.colnames:
+        return None
+    gid = np.asarray(spots["group_id"], np.int64)
+    chan = np.asarray(spots["channel"]).astype(str)
+    order = [prof.channel_at_angle(a) for a in (0.0, 45.0, 90.0, 135.0)]
+    grouped = gid >= 0
+    ids, inverse = np.unique(gid[grouped], return_inverse=True)
+    idx = np.full((ids.size, 4), -1, np.int64)
+    for k, ch in enumerate(order):
+        sel = chan[grouped] == ch
+        idx[inverse[sel], k] = np.flatnonzero(grouped)[sel]
+    idx = idx[(idx >= 0).all(axis=1)]
+    if len(idx) < 3:
+        return None
+    x = np.asarray(spots["x"], float)[idx].mean(axis=1)
+    y = np.asarray(spots["y"], float)[idx].mean(axis=1)
+    geo = scene.geometry
+    xn, yn = (x - geo.center[0]) / geo.scale, (y - geo.center[1]) / geo.scale
+    f, e = flux[idx], flux_err[idx]
+    # The spots' own fluxes are positive and finite in a usable quadruplet.
+    fit_mask = np.all(np.isfinite(f) & (f > 3 * e), axis=1)
+    if np.count_nonzero(fit_mask) < 3:
+        return None
+    check = pair_ratio_residuals(*f.T, *e.T, xn, yn, fit_mask=fit_mask)
+    return check if len(check.powers) else None
+
+
+def partner_evidence(scene: FrameScene, *, min_transmission: float = 0.1) -> PartnerEvidence:
+    """Evidence from each spot's partner spots (orphan and support cues).
 
     Parameters
     ----------
     scene : FrameScene
         The frame (background-subtracted image, noise, spots, geometry).
     min_transmission : float
-        Predicted partner positions on the focal-plane mask below this sky
-        transmission are treated as unknown (the mask may hide them).
+        Predicted partner positions where the focal-plane mask's sky transmission is
+        below this are treated as unobservable.
 
     Returns
     -------
-    p_orphan : ndarray
-        0 = consistent with a star (or no evidence), 1 = partners certainly missing.
-    best_channel : ndarray of str
-        The channel under which the spot looks most like a star.
+    PartnerEvidence
     """
-    spots = scene.spots
+    spots, prof = scene.spots, scene.profile
+    channels = prof.channels
     n = len(spots)
-    channels = scene.profile.channels
     if n == 0:
-        return np.zeros(0), np.zeros(0, dtype="U1")
+        z = np.zeros(0)
+        return PartnerEvidence(z, z.copy(), np.zeros(0, bool), np.zeros(0, dtype="U1"))
     x = np.asarray(spots["x"], float)
     y = np.asarray(spots["y"], float)
+    ny, nx = scene.data.shape
     radius = max(1.0, 0.85 * scene.fwhm)
     rms = np.asarray(scene.background_rms, float)
+    gain = float(prof.gain) if prof.gain else 1.0
+    transmission = prof.transmission(scene.data.shape)
+
+    def noise_at(px, py, flux):
+        """Aperture-sum noise (sky + photon) at positions (adu)."""
+        ix = np.clip(np.round(px).astype(int), 0, nx - 1)
+        iy = np.clip(np.round(py).astype(int), 0, ny - 1)
+        sky = rms[iy, ix] * np.sqrt(np.pi) * radius
+        return np.sqrt(sky**2 + np.maximum(np.nan_to_num(flux), 0.0) / gain), transmission[iy, ix]
+
     own = forced_sums(scene.data, x, y, radius)
     own = np.where(np.isfinite(own), own, np.asarray(spots["peak"], float) * np.pi * radius**2 / 4)
+    own_err, own_t = noise_at(x, y, own)
+    own_pos = np.maximum(own, 0.0)
 
-    transmission = scene.profile.transmission(scene.data.shape)
-    ny, nx = scene.data.shape
-    n_ch = len(channels)
-    p_h = np.zeros((n_ch, n))
+    fit = fit_pair_ratio(scene, own, own_err)
+    geo = scene.geometry
+    qset, uset = set(prof.q_channels), set(prof.u_channels)
+    z_h = np.zeros((len(channels), n))
+    p_h = np.zeros((len(channels), n))
+    support_h = np.zeros((len(channels), n), bool)
     for h, ch in enumerate(channels):
-        xc, yc = scene.geometry.pattern_center(ch, x, y)
-        pos = scene.geometry.spot_positions(xc, yc)
+        xc, yc = geo.pattern_center(ch, x, y)
+        pos = geo.spot_positions(xc, yc)
         others = [k for k in channels if k != ch]
         px = np.stack([pos[k][0] for k in others])
         py = np.stack([pos[k][1] for k in others])
         measured = forced_sums(scene.data, px, py, radius, mask=scene.mask)
-        ix = np.clip(np.round(px).astype(int), 0, nx - 1)
-        iy = np.clip(np.round(py).astype(int), 0, ny - 1)
-        visible = np.isfinite(measured) & (transmission[iy, ix] >= min_transmission)
-        sigma = rms[iy, ix] * np.sqrt(np.pi) * radius
-        pair = {frozenset(p) for p in (scene.profile.q_channels, scene.profile.u_channels)}
-        ratio = np.array([SAME_PAIR_MIN_RATIO if frozenset((ch, k)) in pair else OTHER_PAIR_MIN_RATIO
-                          for k in others])[:, None]
-        expected = ratio * np.maximum(own, 0.0)[None, :]
+        sigma, t_partner = noise_at(px, py, measured)
+        if fit is not None:
+            # (u pair)/(q pair) at the pattern centre; a q-channel spot expects R times
+            # its flux in each u-channel partner and a u-channel spot 1/R.
+            log_r = fit.model_at((xc - geo.center[0]) / geo.scale, (yc - geo.center[1]) / geo.scale)
+            other_ratio = np.exp(log_r if ch in qset else -log_r)
+            other_min = OTHER_PAIR_TOLERANCE * other_ratio
+        else:
+            other_ratio = np.ones(n)
+            other_min = np.full(n, OTHER_PAIR_FALLBACK_RATIO)
+        same = np.array([{ch, k} <= qset or {ch, k} <= uset for k in others])[:, None]
+        expected = np.where(same, 1.0, other_ratio[None, :])
+        lowest = np.where(same, SAME_PAIR_MIN_RATIO, other_min[None, :])
+        highest = expected**2 / lowest
+        # Light behind the mask may be dimmed, never brightened.
+        lowest = lowest * np.minimum(t_partner / np.maximum(own_t, 1e-3)[None, :], 1.0)
+        visible = np.isfinite(measured) & (t_partner >= min_transmission)
+
+        # orphan: summed deficit below the lowest plausible partner flux
+        deficit = np.where(visible, np.clip(lowest * own_pos - measured, 0.0, None), 0.0)
+        var = np.where(visible, sigma**2 + (lowest * own_err) ** 2, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            support = np.clip(measured / expected, 0.0, 1.0)
-            snr_expected = expected / sigma
-        # Evidence only from partners that would stand out clearly from the noise.
-        informative = visible & (snr_expected > 3.0)
-        weight = np.clip((snr_expected - 3.0) / 4.0, 0.0, 1.0)
-        missing = np.where(informative, weight * (1.0 - support), 0.0)
-        # A hypothesis is refuted by its most clearly missing partner.
-        p_h[h] = missing.max(axis=0)
-    best = np.argmin(p_h, axis=0)
-    return p_h.min(axis=0), np.asarray(channels)[best]
+            z = deficit.sum(axis=0) / np.sqrt(var.sum(axis=0))
+            missing = deficit.sum(axis=0) / np.where(visible, lowest * own_pos, 0.0).sum(axis=0)
+        z_h[h] = np.where(visible.any(axis=0), np.nan_to_num(z), 0.0)
+        # Significant *and* a large part of the expected light absent: a bright star
+        # whose own spot is boosted by a neighbour lacks a few sigma of partner light,
+        # an artifact lacks nearly all of it.
+        missing = np.clip(np.nan_to_num(missing, nan=0.0, posinf=1.0), 0.0, 1.0)
+        p_h[h] = (np.clip(0.5 + (z_h[h] - ORPHAN_Z_HALF) / ORPHAN_Z_WIDTH, 0.0, 1.0)
+                  * np.clip(0.5 + (missing - MISSING_HALF) / MISSING_WIDTH, 0.0, 1.0))
+
+        # support: every observable partner clearly there, neither too faint nor too bright
+        tol = np.sqrt(sigma**2 + (expected * own_err) ** 2)
+        consistent = ((measured > lowest * own_pos - 2 * tol)
+                      & (measured < highest * own_pos + 2 * tol)
+                      & (measured > SUPPORT_MIN_SNR * sigma))
+        support_h[h] = (visible.sum(axis=0) >= 2) & np.all(consistent | ~visible, axis=0)
+
+    # The spot is judged under its most star-like channel, except in a pair found by the
+    # grouping: a pair is what a reflection through one analyser looks like, and its
+    # channels are the hypothesis to test (in a crowded field another channel's
+    # partners may land on unrelated spots by chance).
+    best = np.argmin(p_h + 1e-3 * z_h, axis=0)
+    if "channel" in spots.colnames and "group_id" in spots.colnames:
+        gid = np.asarray(spots["group_id"], np.int64)
+        hyp = np.array([channels.index(c) if c in channels else -1
+                        for c in np.asarray(spots["channel"]).astype(str)])
+        ids, counts = np.unique(gid, return_counts=True)
+        in_pair = (gid >= 0) & (hyp >= 0) & (counts[np.searchsorted(ids, gid)] == 2)
+        best = np.where(in_pair, hyp, best)
+    z_orphan = z_h[best, np.arange(n)]
+    p_orphan = p_h[best, np.arange(n)]
+    log_ratio = None
+    if fit is not None:
+        log_ratio = float(np.nanmedian(fit.model)) if np.isfinite(fit.model).any() else None
+    return PartnerEvidence(p_orphan, z_orphan, support_h.any(axis=0), np.asarray(channels)[best],
+                           log_ratio)
+
+
+def combine_evidence(p_learned: np.ndarray, evidence: PartnerEvidence | None,
+                     support_keep: float = SUPPORT_KEEP) -> np.ndarray:
+    """A classifier's artifact score combined with the partner evidence.
+
+    ``p_artifact = noisy_or(p_learned * k, p_orphan)`` with ``k = support_keep`` for
+    spots with full partner support and 1 otherwise: a spot in a confirmed quadruplet
+    is a star whatever its cutout looks like (a learned classifier's false alarms on
+    stars are mostly wide or blended spots of complete quadruplets), and missing
+    partners reveal artifacts that look like stars in their own cutout.
+
+    Parameters
+    ----------
+    p_learned : ndarray
+        The classifier's own score per spot.
+    evidence : PartnerEvidence or None
+        From :func:`partner_evidence`; None returns ``p_learned``.
+    support_keep : float
+        Fraction of ``p_learned`` kept for supported spots.
+    """
+    p = np.asarray(p_learned, float)
+    if evidence is None:
+        return p
+    return noisy_or(np.where(evidence.support, support_keep * p, p), evidence.p_orphan)
+
+
+def scores_table(name: str, p_learned: np.ndarray, evidence: PartnerEvidence | None) -> Table:
+    """A classifier's score table: its own score ``name``, the partner cues, ``p_artifact``.
+
+    With ``evidence`` None (cue disabled), ``p_orphan`` is 0, ``partner_support`` False
+    and ``p_artifact`` equals the classifier's own score.
+    """
+    p = np.asarray(p_learned, float)
+    if evidence is None:
+        return Table({name: p, "p_orphan": np.zeros(p.size), "partner_support": np.zeros(p.size, bool),
+                      "p_artifact": p.copy()})
+    return Table({name: p, "p_orphan": np.asarray(evidence.p_orphan, float),
+                  "partner_support": np.asarray(evidence.support, bool),
+                  "p_artifact": combine_evidence(p, evidence)})

@@ -172,3 +172,25 @@ def test_pair_ratio_fitted_from_quadruplets_sharpens_orphan_cue():
     ev_blind = partner_evidence(blind)
     assert ev_blind.log_pair_ratio is None
     assert np.all(ev_blind.z_orphan[-2:] < ev.z_orphan[-2:] - 3)
+
+
+def test_boosted_star_spot_is_not_an_orphan():
+    """A bright star whose spot carries a neighbour's light: its partners lack many
+    sigma but only a small fraction of the expected light -- not an orphan."""
+    rng = np.random.default_rng(5)
+    img = np.zeros((400, 400), np.float32)
+    pos = PROFILE.spot_positions(200.0, 200.0)
+    xs, ys = [], []
+    for ch in PROFILE.channels:
+        _gauss(img, pos[ch][0], pos[ch][1], 200000.0)
+        xs.append(float(pos[ch][0]))
+        ys.append(float(pos[ch][1]))
+    _gauss(img, xs[0], ys[0], 200000.0)  # a neighbour exactly on the first spot
+    img += rng.normal(0, 10.0, img.shape).astype(np.float32)
+    spots = Table({"x": xs, "y": ys, "peak": np.full(4, 1000.0)})
+    scene = FrameScene(img, np.zeros_like(img), np.full(img.shape, 10.0, np.float32), spots,
+                       PROFILE, PROFILE.geometry, 4.3)
+    ev = partner_evidence(scene)
+    assert ev.z_orphan[0] > 5  # the deficit is significant...
+    assert ev.p_orphan[0] < 0.5  # ...but most of the partner light is there
+    assert np.all(ev.p_orphan[1:] < 0.05)

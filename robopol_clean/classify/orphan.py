@@ -15,8 +15,8 @@ must be; forced aperture sums there tell whether they are present. Two cues foll
   way.
 - **support** (evidence *for* a star): every observable partner is present, clearly
   detected and within the flux range a star allows. No reflection, cosmic ray or dust
-  ring produces that; a spot confirmed this way keeps only a small part of a learned
-  classifier's artifact score (see :func:`combine_evidence`).
+  ring produces that; a spot confirmed this way is not rejected for the looks of its
+  cutout alone (see :func:`combine_evidence`).
 
 The light ratio of the two analyser pairs varies over the field (on RoboPol by a factor
 ~5 from one side to the other); it is fitted per frame from the complete quadruplets

@@ -367,15 +367,15 @@ def save_model(model, path: str | os.PathLike, metadata: dict[str, Any], *,
 
 
 def _jsonable(obj):
-    """Convert numpy scalars/arrays (and paths) for JSON."""
+    """Convert numpy scalars/arrays (and paths) for strict JSON (non-finite -> null)."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
-        return obj.item()
+        return _jsonable(obj.item())
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _jsonable(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, float) and not np.isfinite(obj):

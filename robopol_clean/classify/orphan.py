@@ -263,8 +263,10 @@ def partner_evidence(scene: FrameScene, *, min_transmission: float = 0.1) -> Par
     best = np.argmin(p_h + 1e-3 * z_h, axis=0)
     if "channel" in spots.colnames and "group_id" in spots.colnames:
         gid = np.asarray(spots["group_id"], np.int64)
-        hyp = np.array([channels.index(c) if c in channels else -1
-                        for c in np.asarray(spots["channel"]).astype(str)])
+        chan = np.asarray(spots["channel"]).astype(str)
+        hyp = np.full(n, -1)
+        for h, ch in enumerate(channels):
+            hyp[chan == ch] = h
         ids, counts = np.unique(gid, return_counts=True)
         in_pair = (gid >= 0) & (hyp >= 0) & (counts[np.searchsorted(ids, gid)] == 2)
         best = np.where(in_pair, hyp, best)

@@ -36,7 +36,7 @@ PIPELINE_STAGES = ("background", "detection", "grouping", "classification", "mas
 
 
 def profile_frame(clf, clf_name: str, *, n_stars: int = 800, seed: int = 7, repeat: int = 3,
-                  warmup: bool = True) -> dict:
+                  warmup: bool = True, photometry: str = "psf") -> dict:
     """Median seconds per stage (read, pipeline stages, other, write, total)."""
     from robopol_clean.instrument import load_profile
     from robopol_clean.io import read_frame
@@ -52,20 +52,23 @@ def profile_frame(clf, clf_name: str, *, n_stars: int = 800, seed: int = 7, repe
         path = Path(tmp) / "frame.fits"
         sim.ccd.write(path, overwrite=True)
         if warmup:
-            reduce_frame(read_frame(path, prof), profile=prof, classifier=clf)
+            reduce_frame(read_frame(path, prof), profile=prof, classifier=clf,
+                         photometry=photometry)
         for i in range(repeat):
             with Timer() as tr:
                 ccd = read_frame(path, prof)
-            res = reduce_frame(ccd, profile=prof, classifier=clf, name=path.name)
+            res = reduce_frame(ccd, profile=prof, classifier=clf, name=path.name,
+                               photometry=photometry)
             with Timer() as tw:
                 write_products(res, Path(tmp) / "out", f"frame{i}", overwrite=True)
             timings = dict(res.meta["timings"])
             row = {"read": tr.s}
             row.update({s: timings.get(s, 0.0) for s in PIPELINE_STAGES})
+            # sub-stages ("photometry: ...") are parts of their stage, listed after it
             other = [k for k in timings if k not in PIPELINE_STAGES and k != "total"]
             row.update({k: timings[k] for k in other})
             row["other (copy, provenance)"] = timings["total"] - sum(
-                v for k, v in timings.items() if k != "total")
+                v for k, v in timings.items() if k != "total" and ":" not in k)
             row["write"] = tw.s
             row["total"] = tr.s + timings["total"] + tw.s
             runs.append(row)
@@ -73,17 +76,21 @@ def profile_frame(clf, clf_name: str, *, n_stars: int = 800, seed: int = 7, repe
     med = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in stages}
     return {"stages": med, "runs": runs, "summary": res.summary(), "simulate_seconds": ts.s,
             "shape": list(sim.ccd.shape), "n_stars": n_stars, "seed": seed, "repeat": repeat,
-            "warmup": warmup, "classifier": clf_name}
+            "warmup": warmup, "classifier": clf_name, "photometry": photometry}
 
 
 def run(ctx: Context) -> Section:
     sec = Section(KEY, TITLE)
     clf, name, load_s, why = load_default_classifier(ctx)
-    out = profile_frame(clf, name, repeat=1 if ctx.quick else 3, warmup=not ctx.quick)
+    runs = {m: profile_frame(clf, name, repeat=1 if ctx.quick else 3, warmup=not ctx.quick,
+                             photometry=m) for m in ("psf", "aperture")}
+    out = runs["psf"]
     total = out["stages"]["total"]
-    sec.columns = ["stage", "seconds", "% of total"]
+    sec.columns = ["stage", "seconds (psf photometry)", "% of total", "seconds (aperture)"]
+    aper = runs["aperture"]["stages"]
     for stage, s in out["stages"].items():
-        sec.rows.append([stage, f"{s:.3f}", f"{100 * s / total:.1f}" if stage != "total" else "100.0"])
+        sec.rows.append([stage, f"{s:.3f}", f"{100 * s / total:.1f}" if stage != "total" else "100.0",
+                         f"{aper[stage]:.3f}" if stage in aper else "-"])
     sm = out["summary"]
     sec.notes.append(f"frame {out['shape'][1]}x{out['shape'][0]}, {out['n_stars']} stars (seed "
                      f"{out['seed']}): {sm['n_spots']} spots, {sm['n_rejected']} rejected, "
@@ -93,7 +100,7 @@ def run(ctx: Context) -> Section:
     sec.notes.append("median of 3 runs after a warm-up run" if not ctx.quick
                      else "quick: one cold run (no warm-up)")
     log(f"stages: total {total:.1f} s per frame")
-    sec.data = out
+    sec.data = {**out, "aperture": runs["aperture"]}
     return sec
 
 
@@ -104,14 +111,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--classifier", default="cnn", choices=["cnn", "morphology"])
+    parser.add_argument("--photometry", default="psf", choices=["psf", "aperture"])
     args = parser.parse_args(argv)
     from robopol_clean.pipeline import get_classifier
 
     with Timer() as tl:
         clf = get_classifier(args.classifier)
-    out = profile_frame(clf, args.classifier, n_stars=args.n_stars, seed=args.seed, repeat=args.repeat)
+    out = profile_frame(clf, args.classifier, n_stars=args.n_stars, seed=args.seed, repeat=args.repeat,
+                        photometry=args.photometry)
     print(f"# one {out['shape'][1]} x {out['shape'][0]} frame, {args.n_stars} stars (seed {args.seed}); "
-          f"classifier {args.classifier} (load {tl.s:.2f} s, once per process)")
+          f"classifier {args.classifier} (load {tl.s:.2f} s, once per process); "
+          f"{args.photometry} photometry")
     print(f"# {out['summary']}")
     print(f"{'stage':<28}{'median [s]':>12}")
     for stage, s in out["stages"].items():

@@ -57,7 +57,7 @@ def _artifact_distance(px: np.ndarray, py: np.ndarray, arts) -> np.ndarray:
 def _pulls(result, sim, radius: float = 3.0):
     """Pulls of the Stokes rows matched to true stars, and which rows have an artifact
     within an aperture radius + 3 px of one of their four true spot positions."""
-    stokes = result.stokes
+    stokes = result.stokes[result.stokes["flags"] == 0]  # clean measurements only
     stars = sim.stars
     ok_truth = np.asarray(stars["complete"], bool) & ~np.asarray(stars["saturated"], bool)
     truth = stars[ok_truth]

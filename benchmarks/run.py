@@ -10,6 +10,8 @@ Sections (``--only`` takes their keys, comma-separated):
   baselines  morphology, DAOStarFinder cuts, random forest vs the CNN on held-out spots
   cnn_cost   3-conv vs 4-conv network: AUC, parameters, training time, throughput vs GEMM
   stokes     q/u accuracy with and without artifact cleaning
+  crowding   Stokes completeness and pulls across crowding and seeing, per photometry method
+  psf        PSF photometry vs photutils PSFPhotometry and apertures on crowded star fields
   stages     time per pipeline stage for one 2048 x 2048 frame with ~800 stars
 
 Prints one table per section and writes the same results to
@@ -52,6 +54,8 @@ SECTIONS = {
     "baselines": "bench_baselines",
     "cnn_cost": "bench_cnn_cost",
     "stokes": "bench_stokes",
+    "crowding": "bench_crowding",
+    "psf": "bench_psf",
     "stages": "bench_stages",
 }
 

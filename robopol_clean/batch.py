@@ -89,7 +89,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
                 profile: str | InstrumentProfile = "robopol", classifier=None,
                 threshold: float | None = None, uncertain_band=None, overwrite: bool = False,
-                resume: bool = False, diagnostic: bool = False) -> FileOutcome:
+                resume: bool = False, diagnostic: bool = False, config=None) -> FileOutcome:
     """Read, reduce and write the products of one frame; never raises for bad input.
 
     Parameters
@@ -106,6 +106,8 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
         Skip a file whose products all exist (unless ``overwrite``).
     diagnostic : bool
         Also write the diagnostic PNG.
+    config : PhotometryConfig, optional
+        Photometry and flag settings (the defaults if omitted).
 
     Returns
     -------
@@ -132,7 +134,7 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
                 ccd, profile=prof, classifier=classifier,
                 threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                 uncertain_band=DEFAULT_UNCERTAIN_BAND if uncertain_band is None else uncertain_band,
-                name=Path(path).name)
+                name=Path(path).name, config=config)
         caught = _unique_messages(records)
         write_products(result, outdir, stem, overwrite=overwrite, diagnostic=diagnostic)
     except (FrameError, OutputError) as exc:
@@ -142,7 +144,8 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
         return FileOutcome(path, "failed", f"{path}: {type(exc).__name__}: {exc}",
                            seconds=time.perf_counter() - t0, warnings=caught)
     summary = result.summary()
-    summary["median_q_err"] = (float(_median(result.stokes["q_err"])) if len(result.stokes) else float("nan"))
+    clean = result.stokes[result.stokes["flags"] == 0]
+    summary["median_q_err"] = float(_median(clean["q_err"])) if len(clean) else float("nan")
     return FileOutcome(path, "done", summary=summary, seconds=time.perf_counter() - t0,
                        warnings=caught)
 
@@ -189,6 +192,7 @@ def _reduce_task(path: str, outdir: str, options: dict) -> FileOutcome:
 
 def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopol",
                  classifier: str = "cnn", threshold: float | None = None, uncertain_band=None,
+                 config=None,
                  overwrite: bool = False, diagnostic: bool = False, workers: int | None = None,
                  threads_per_worker: int = 1, scheduler: str | None = None,
                  progress: bool | None = None, max_in_flight: int | None = None) -> list[FileOutcome]:
@@ -205,7 +209,7 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
         Input FITS files.
     outdir : path-like
         Output folder.
-    profile, classifier, threshold, uncertain_band, overwrite, diagnostic
+    profile, classifier, threshold, uncertain_band, config, overwrite, diagnostic
         As for :func:`reduce_file`; ``classifier`` is a name, loaded once per worker.
     workers : int, optional
         Local worker processes (default: one per core). Ignored with ``scheduler``.
@@ -229,7 +233,7 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
     from dask.distributed import Client, LocalCluster, as_completed
 
     profile = load_profile(profile)
-    options = dict(profile=profile, classifier=classifier, threshold=threshold,
+    options = dict(profile=profile, classifier=classifier, threshold=threshold, config=config,
                    uncertain_band=uncertain_band, overwrite=overwrite, resume=True,
                    diagnostic=diagnostic)
     # Absolute paths: workers of a --scheduler cluster run in folders of their own.

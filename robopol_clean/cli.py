@@ -42,6 +42,9 @@ def _add_common_reduce_options(p: argparse.ArgumentParser) -> None:
                    help="reject spots with p_artifact >= T (default: 0.5)")
     p.add_argument("--uncertain-band", type=_probability, nargs=2, default=None, metavar=("LO", "HI"),
                    help="flag kept spots with LO <= p_artifact < HI as uncertain (default: 0.3 0.5)")
+    p.add_argument("--photometry", choices=["psf", "aperture"], default="psf",
+                   help="psf: every spot fitted together with the frame's PSF (default); "
+                        "aperture: apertures of 2 FWHM")
 
 
 def _probability(text: str) -> float:
@@ -79,6 +82,7 @@ def _add_reduce(sub) -> None:
 
 def _run_reduce(args) -> int:
     from .batch import expand_inputs, reduce_file, reduce_night, write_night_products
+    from .config import PhotometryConfig
     from .instrument import ProfileError, load_profile
     from .io import OutputError, check_writable
     from .pipeline import get_classifier
@@ -91,7 +95,8 @@ def _run_reduce(args) -> int:
     except (FileNotFoundError, ProfileError, OutputError) as exc:
         raise CLIError(str(exc)) from None
     options = dict(profile=profile, threshold=args.threshold, uncertain_band=args.uncertain_band,
-                   overwrite=args.overwrite, diagnostic=args.diagnostic)
+                   overwrite=args.overwrite, diagnostic=args.diagnostic,
+                   config=PhotometryConfig(method=args.photometry))
     if len(files) == 1 and not args.scheduler:
         # One frame: no cluster to start, the model is loaded here once.
         try:

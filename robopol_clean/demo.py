@@ -35,9 +35,16 @@ def compare_with_truth(result, sim, *, match_radius: float = 3.0) -> dict:
     dict
         ``artifacts``, ``artifacts_caught`` (artifact's brightest pixel masked),
         ``star_spots_detected``, ``star_spots_rejected``, ``stars_complete``,
-        ``stars_measured``, and the q/u pull means and standard deviations.
+        ``stars_measured`` (Stokes rows with ``flags == 0``), and the q/u pull means and
+        standard deviations of those rows.
     """
     spots, stokes, mask = result.spots, result.stokes, result.artifact_mask
+    added = np.zeros(len(spots), bool)  # spots the photometry added: not detections
+    for col in ("forced", "recovered", "residual"):
+        if col in spots.colnames:
+            added |= np.asarray(spots[col], bool)
+    spots = spots[~added]
+    stokes = stokes[np.asarray(stokes["flags"]) == 0]
     out: dict = {}
     arts = sim.artifacts
     refl = arts[np.isin(np.asarray(arts["kind"]), ["streak", "ghost"])] if len(arts) else arts
@@ -119,7 +126,8 @@ def run_demo(outdir: str | Path = "robopol-demo", *, seed: int = 2026, n_stars: 
         f"  rejected as artifacts: {m['n_rejected']}  (uncertain: {m['n_uncertain']})",
         f"  reflections caught:    {c['artifacts_caught']} of {c['artifacts']} in the truth table",
         f"  star spots rejected:   {c['star_spots_rejected']} of {c['star_spots_detected']} detected",
-        f"  quadruplets:           {m['n_quadruplets']} complete, {m['n_clean']} clean with q, u",
+        f"  quadruplets:           {m['n_quadruplets']} complete, {m['n_stokes']} with q, u, "
+        f"{m['n_clean']} of them clean (flags == 0)",
     ]
     if "pull_q_std" in c:
         lines.append(f"  pulls (q, u):          mean {c['pull_q_mean']:+.2f}, {c['pull_u_mean']:+.2f}; "

@@ -16,11 +16,13 @@ Background
 Detection
     :func:`detect_spots` smooths the background-subtracted frame with a Gaussian matched
     filter of the stellar FWHM, finds local maxima above ``threshold`` times the filtered
-    noise, merges maxima not separated by a real saddle (so a streak with a noisy tail
-    stays one spot), segments the frame at ``footprint_threshold`` and splits shared
-    footprints between their spots, and measures every spot vectorised: windowed
-    centroid, Gaussian-windowed FWHM, footprint moments (elongation, orientation,
-    head/tail asymmetry), sharpness, saturation, mask transmission and usability.
+    noise, merges each maximum not separated by a real saddle from a higher one into the
+    best connected of those (so a streak with a noisy tail stays one spot, while a faint
+    maximum between two sources never joins them), segments the frame at
+    ``footprint_threshold`` and splits shared footprints between their spots, and measures
+    every spot vectorised: windowed centroid, Gaussian-windowed FWHM, footprint moments
+    (elongation, orientation, head/tail asymmetry), sharpness, saturation, mask
+    transmission and usability.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ import numpy as np
 from astropy.stats import SigmaClip
 from astropy.table import Table
 from scipy import ndimage
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from .cutouts import extract_cutouts
@@ -467,6 +467,55 @@ def _line_minimum(img: np.ndarray, x1, y1, x2, y2, n: int = 24) -> np.ndarray:
     return img[ys, xs].min(axis=1)
 
 
+def _merge_parents(img: np.ndarray, px, py, pval, pairs: np.ndarray, contrast: float,
+                   merge_sigma: float) -> np.ndarray:
+    """The higher maximum each maximum merges into, vectorised over candidate pairs.
+
+    Parameters
+    ----------
+    img : ndarray
+        Significance image the maxima were found in.
+    px, py, pval : ndarray
+        Maxima: pixel column, row and value.
+    pairs : ndarray of int, shape (m, 2)
+        Candidate pairs (indices into the maxima).
+    contrast, merge_sigma : float
+        A maximum merges when it stands no more than ``contrast`` times its height, or
+        no more than ``merge_sigma``, above the saddle (the minimum of ``img`` along the
+        segment) joining it to a higher maximum.
+
+    Returns
+    -------
+    ndarray of int
+        Index of the parent maximum, -1 for a maximum that is a peak of its own.
+
+    Notes
+    -----
+    A maximum merges into one parent at most: the higher maximum it is best connected
+    to (highest saddle). A faint maximum between two sources (a noise bump in the gap,
+    the end of one's tail) thus joins one of them and never chains them together, while
+    a tail's maxima still form a tree whose root is the head.
+    """
+    n = px.size
+    rank = np.empty(n, np.int64)
+    rank[np.lexsort((np.arange(n), pval))] = np.arange(n)  # ties broken by index
+    lo = np.where(rank[pairs[:, 0]] < rank[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+    hi = pairs[:, 0] + pairs[:, 1] - lo
+    length = int(np.ceil(np.hypot(px[hi] - px[lo], py[hi] - py[lo]).max()))
+    saddle = _line_minimum(img, px[lo].astype(float), py[lo].astype(float), px[hi].astype(float),
+                           py[hi].astype(float), n=max(8, length + 1))
+    drop = pval[lo] - saddle
+    ok = (drop <= contrast * pval[lo]) | (drop <= merge_sigma)
+    lo, hi, saddle = lo[ok], hi[ok], saddle[ok]
+    parent = np.full(n, -1, np.int64)
+    if lo.size:
+        order = np.lexsort((-saddle, lo))  # per maximum, the best-connected parent first
+        lo, hi = lo[order], hi[order]
+        first = np.r_[True, lo[1:] != lo[:-1]]
+        parent[lo[first]] = hi[first]
+    return parent
+
+
 def detect_spots(data: np.ndarray, *, profile: InstrumentProfile | None, mask: np.ndarray | None = None,
                  fwhm: float | None = None, threshold: float = 5.0,
                  background: np.ndarray | None = None, background_rms: np.ndarray | None = None,
@@ -502,7 +551,9 @@ def detect_spots(data: np.ndarray, *, profile: InstrumentProfile | None, mask: n
         Local maxima closer than this (pix) are one candidate (default: the FWHM).
     merge_radius : float, optional
         Maxima of one footprint closer than this (pix; default 12 FWHM, the length of
-        the longest reflection streaks) are merged unless separated by a real saddle.
+        the longest reflection streaks) are candidates for merging: a maximum not
+        separated from a higher one by a real saddle merges into the one it is best
+        connected to (highest saddle), and into that one only.
     contrast, merge_sigma : float
         A saddle is real when the fainter maximum exceeds it by more than ``contrast``
         times its height *and* by more than ``merge_sigma`` (filtered sigma).
@@ -602,27 +653,10 @@ def detect_spots(data: np.ndarray, *, profile: InstrumentProfile | None, mask: n
         tree = cKDTree(np.column_stack([px, py]))
         pairs = tree.query_pairs(mrad, output_type="ndarray")
         if pairs.size:
-            same = pseg[pairs[:, 0]] == pseg[pairs[:, 1]]
-            pairs = pairs[same]
+            pairs = pairs[pseg[pairs[:, 0]] == pseg[pairs[:, 1]]]
         if pairs.size:
-            i, j = pairs[:, 0], pairs[:, 1]
-            saddle = _line_minimum(signif, px[i].astype(float), py[i].astype(float),
-                                   px[j].astype(float), py[j].astype(float),
-                                   n=max(8, int(np.ceil(mrad))))
-            lower = np.minimum(pval[i], pval[j])
-            drop = lower - saddle
-            merge = (drop <= contrast * lower) | (drop <= merge_sigma)
-            i, j = i[merge], j[merge]
-            if i.size:
-                graph = coo_matrix((np.ones(i.size), (i, j)), shape=(px.size, px.size))
-                ncomp, comp = connected_components(graph, directed=False)
-                # Keep the highest maximum of each merged component.
-                asc = np.argsort(pval, kind="stable")
-                best = np.empty(ncomp, np.int64)
-                best[comp[asc]] = asc  # later (higher) writes win
-                keep = np.zeros(px.size, bool)
-                keep[best] = True
-                px, py, pval, pseg = px[keep], py[keep], pval[keep], pseg[keep]
+            keep = _merge_parents(signif, px, py, pval, pairs, contrast, merge_sigma) < 0
+            px, py, pval, pseg = px[keep], py[keep], pval[keep], pseg[keep]
 
     # Drop peaks whose footprint is too small (isolated hot pixels at the threshold).
     seg_size = np.bincount(seg.ravel(), minlength=nseg + 1)

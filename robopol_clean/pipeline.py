@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from astropy.nddata import CCDData
-from astropy.table import Table
+from astropy.table import Table, vstack
+from scipy.spatial import cKDTree
 
 from . import __version__
 from .classify import FrameScene, SpotClassifier, decide
+from .config import PhotometryConfig
 from .detection import detect_spots, estimate_background, saturation_level
 from .grouping import group_quadruplets
 from .instrument import InstrumentProfile, load_profile
 from .io import detector_origin, frame_from_ccd
 from .masking import apertures_touch_mask, combine_masks, footprint_mask
-from .photometry import aperture_radius_for, measure_spots
+from .photometry import PSFFallbackWarning, aperture_radius_for, fit_psf, fit_spots, measure_spots
+from .quality import QualityFlag, flags_column_description, spot_flags
 from .stokes import pair_ratio_check, stokes_table
 
 __all__ = ["FrameResult", "reduce_frame", "clean_artifacts", "get_classifier",
@@ -35,12 +39,6 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
 #: Kept spots with p_artifact in this band are flagged ``uncertain``.
 DEFAULT_UNCERTAIN_BAND = (0.3, 0.5)
-#: Groups with a spot whose aperture holds too much neighbour light get no Stokes row.
-EXCLUDE_CONTAMINATED = True
-#: Groups whose pair-sum ratio deviates by more than this (standard deviations) get none.
-PAIR_RATIO_Z_MAX = 3.0
-#: Widen the flux errors by the frame's pair-ratio calibration.
-CALIBRATE_FLUX_ERRORS = True
 
 
 _SCORE_DESCRIPTIONS = {
@@ -56,6 +54,7 @@ _SCORE_DESCRIPTIONS = {
     "p_group_outlier": "shape term: more elongated than the other spots of its group",
     "rejected": "p_artifact >= threshold: masked, its group gets no Stokes row",
     "uncertain": "kept, but p_artifact in the uncertain band: inspect",
+    "forced": "not detected, and not significant at the position the fitted geometry predicts",
 }
 
 
@@ -73,7 +72,8 @@ class FrameResult:
     groups : Table
         One row per four-spot group, complete or not, with its ``clean`` flag.
     stokes : Table
-        One row per clean quadruplet: q, u, p, theta and their errors.
+        One row per complete quadruplet with no rejected spot: q, u, p, theta, their
+        errors and the quality bitmask ``flags`` (0 = clean measurement).
     artifact_mask : ndarray of bool
         The pixels masked as artifacts by this step alone.
     meta : dict
@@ -88,9 +88,9 @@ class FrameResult:
     meta: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        """Counts for reports: spots, rejected, uncertain, quadruplets, clean ones."""
+        """Counts for reports: spots, rejected, uncertain, quadruplets, Stokes rows, clean ones."""
         return {k: self.meta[k] for k in ("n_spots", "n_rejected", "n_uncertain",
-                                          "n_quadruplets", "n_clean")}
+                                          "n_quadruplets", "n_stokes", "n_clean")}
 
 
 def get_classifier(classifier: str | SpotClassifier | None = None) -> SpotClassifier:
@@ -128,6 +128,8 @@ def reduce_frame(
     uncertain_band: tuple[float, float] | None = DEFAULT_UNCERTAIN_BAND,
     detection_threshold: float = 5.0,
     name: str = "frame",
+    photometry: str | None = None,
+    config: PhotometryConfig | None = None,
 ) -> FrameResult:
     """Detect, group, score, mask, measure and compute Stokes parameters for one frame.
 
@@ -147,11 +149,19 @@ def reduce_frame(
         Detection threshold in units of the sky noise.
     name : str
         Name used in messages (usually the file name).
+    photometry : {"psf", "aperture"}, optional
+        Photometry method; overrides ``config.method``.
+    config : PhotometryConfig, optional
+        Photometry and quality-flag settings (defaults if omitted); recorded in the
+        catalogues' metadata.
 
     Returns
     -------
     FrameResult
     """
+    config = PhotometryConfig() if config is None else config
+    if photometry is not None:
+        config = replace(config, method=str(photometry).lower())
     profile = load_profile(profile)
     clf = get_classifier(classifier)
     if not 0.0 < threshold <= 1.0:
@@ -198,41 +208,44 @@ def reduce_frame(
                                        np.asarray(spots["label"])[rejected])
 
     with _timed(timings, "photometry"):
+        sat_level = saturation_level(data, profile)
         radius = aperture_radius_for(fwhm)
-        # The sky follows the mask transmission (its arm strips step across annuli), and
-        # the other sources' footprints are kept out of each annulus.
-        phot = measure_spots(data, spots["x"], spots["y"], fwhm=fwhm, gain=gain,
-                             read_noise=read_noise, mask=bad, aperture_radius=radius,
-                             saturation=saturation_level(data, profile),
-                             sky_map=profile.transmission(data.shape),
-                             segmentation=det.segmentation, labels=spots["label"])
-        for col in phot.colnames:
-            if col == "saturated":
-                spots["saturated"] = np.asarray(spots["saturated"], bool) | np.asarray(phot[col], bool)
-                spots["saturated"].description = "a pixel near the peak or in the aperture is saturated"
-            else:
-                spots[col] = phot[col]
+        psf_meta: dict = {}
+        if config.method == "psf":
+            spots, groups, psf_meta = _psf_photometry(
+                data, background, bad, spots, groups, grouping.geometry, profile, fwhm,
+                artifact_mask, gain, read_noise, sat_level, config, timings)
+        else:
+            # The sky follows the mask transmission (its arm strips step across annuli),
+            # and the other sources' footprints are kept out of each annulus.
+            phot = measure_spots(data, spots["x"], spots["y"], fwhm=fwhm, gain=gain,
+                                 read_noise=read_noise, mask=bad, aperture_radius=radius,
+                                 saturation=sat_level, sky_map=profile.transmission(data.shape),
+                                 segmentation=det.segmentation, labels=spots["label"])
+            _merge_photometry(spots, phot)
         # The two analyser pairs of a source must add up to a smooth instrumental ratio:
-        # groups that break it hold light the photometry could not separate, and the
-        # spread of the rest calibrates the flux errors (unresolved neighbours).
+        # a group that breaks it holds light the photometry could not separate.
         check = pair_ratio_check(groups, spots, profile)
         groups["pair_ratio_z"] = check.z
         groups["pair_ratio_z"].description = ("deviation of log((F45+F135)/(F0+F90)) from the "
                                               "frame's smooth fit, in standard deviations")
-        if CALIBRATE_FLUX_ERRORS:
-            spots["flux_err"] = np.hypot(check.error_scale * np.asarray(spots["flux_err"], float),
-                                         check.error_confusion)
-            spots["flux_err"].unit = "electron"
-            spots["flux_err"].description = ("1-sigma flux uncertainty: CCD noise model widened "
-                                             "by the frame's pair-ratio calibration")
-        groups.meta["pair_ratio"] = {"scale": check.scale, "confusion": check.confusion,
-                                     "error_scale": check.error_scale,
-                                     "error_confusion": check.error_confusion}
 
     with _timed(timings, "stokes"):
-        groups = _flag_clean_groups(groups, spots, artifact_mask, radius, profile)
-        stokes = stokes_table(groups, spots, profile)
-        groups["clean"] &= np.isin(groups["group_id"], stokes["group_id"])  # e.g. non-positive flux
+        groups = _flag_groups(groups, spots, artifact_mask, radius, profile, clf, threshold,
+                              config)
+        measured = groups[np.asarray(groups["complete"], bool) & ~groups["has_rejected"]]
+        stokes = stokes_table(measured, spots, profile, exclude_flagged=False, keep_invalid=True)
+        flags = np.asarray(measured["flags"], np.int64)
+        flags = flags | np.where(np.isfinite(np.asarray(stokes["q"], float))
+                                 & np.isfinite(np.asarray(stokes["u"], float)),
+                                 0, int(QualityFlag.BAD_FLUX))
+        stokes["flags"] = flags
+        stokes["flags"].description = flags_column_description()
+        groups["flags"][np.isin(groups["group_id"], stokes["group_id"])] = flags
+        groups["clean"] = (np.asarray(groups["complete"], bool) & ~groups["has_rejected"]
+                           & (np.asarray(groups["flags"]) == 0))
+        groups["clean"].description = ("complete quadruplet with no rejected spot and "
+                                       "flags == 0: a clean Stokes measurement")
 
     out = ccd.copy()
     out.mask = combine_masks(None if ccd.mask is None else np.asarray(ccd.mask, bool), artifact_mask)
@@ -249,11 +262,17 @@ def reduce_frame(
         "aperture_radius": float(radius),
         "geometry_shift": groups.meta.get("shift"),
         "geometry_rms": groups.meta.get("rms"),
-        "n_spots": len(spots),
+        "n_spots": int(np.count_nonzero(~_predicted(spots))),
+        "n_predicted": int(np.count_nonzero(_predicted(spots))),
         "n_rejected": int(np.count_nonzero(spots["rejected"])),
         "n_uncertain": int(np.count_nonzero(spots["uncertain"])),
         "n_quadruplets": int(np.count_nonzero(groups["complete"])) if len(groups) else 0,
-        "n_clean": len(stokes),
+        "n_stokes": len(stokes),
+        "n_clean": int(np.count_nonzero(np.asarray(stokes["flags"]) == 0)),
+        "photometry": config.method,
+        "photometry_config": config.non_default(),
+        "photometry_config_hash": config.digest(),
+        **psf_meta,
         "timings": timings,
     }
     _write_provenance(out, meta)
@@ -261,7 +280,9 @@ def reduce_frame(
     for table in (spots, groups, stokes):
         table.meta.update({"frame": name, "robopol_clean_version": __version__,
                            "profile": profile.name, "classifier": clf.name,
-                           "threshold": float(threshold)})
+                           "threshold": float(threshold), "photometry": config.method,
+                           "photometry_config": config.non_default(),
+                           "photometry_config_hash": config.digest(), **psf_meta})
     log.debug("%s: %d spots, %d rejected, %d clean quadruplets", name, meta["n_spots"],
               meta["n_rejected"], meta["n_clean"])
     return FrameResult(out, spots, groups, stokes, artifact_mask, meta)
@@ -303,34 +324,210 @@ def clean_artifacts(ccd: CCDData, *, profile: str | InstrumentProfile = "robopol
     return out
 
 
-def _flag_clean_groups(groups: Table, spots: Table, artifact_mask: np.ndarray, radius: float,
-                       profile: InstrumentProfile) -> Table:
-    """Add ``clean``: complete; no rejected, saturated, partly masked or ``contaminated``
-    spot (neighbour light in the aperture); no artifact footprint inside any of its
-    apertures; a pair-sum ratio within ``PAIR_RATIO_Z_MAX`` of the frame's fit."""
-    groups = groups.copy(copy_data=True)
+def _predicted(spots: Table) -> np.ndarray:
+    """Spots the detection did not give (``forced``, ``recovered`` or ``residual``)."""
+    out = np.zeros(len(spots), bool)
+    for col in ("forced", "recovered", "residual"):
+        if col in spots.colnames:
+            out |= np.asarray(spots[col], bool)
+    return out
+
+
+def _merge_photometry(spots: Table, phot: Table) -> None:
+    for col in phot.colnames:
+        if col == "saturated":
+            spots["saturated"] = np.asarray(spots["saturated"], bool) | np.asarray(phot[col], bool)
+            spots["saturated"].description = "a pixel near the peak or in the aperture is saturated"
+        else:
+            spots[col] = phot[col]
+
+
+def _psf_photometry(data, background, bad, spots, groups, geometry, profile, fwhm,
+                    artifact_mask, gain, read_noise, sat_level, config, timings):
+    """Forced spots for three-spot groups, the frame's PSF, then every spot fitted.
+
+    Adds the sub-stages ``photometry: psf model`` and ``photometry: joint fit`` (s) to
+    ``timings`` (parts of ``photometry``)."""
+    if config.forced:
+        spots, groups = _add_forced_spots(spots, groups, geometry, profile, data.shape)
+    else:
+        spots["forced"] = np.zeros(len(spots), bool)
+    fit_mask = artifact_mask if bad is None else (bad | artifact_mask)
+    rejected = np.asarray(spots["rejected"], bool)
+    x, y = np.asarray(spots["x"], float), np.asarray(spots["y"], float)
+    sat_pix = data >= sat_level
+    variance = (np.maximum(data, 0.0) / gain + (read_noise / gain) ** 2).astype(np.float32)
+    stars = _psf_stars(spots, fwhm, config)
+    with warnings.catch_warnings(record=True) as caught, \
+            _timed(timings, "photometry: psf model"):
+        warnings.simplefilter("always", PSFFallbackWarning)
+        psf = fit_psf(data - background, x[stars], y[stars], fwhm=fwhm, variance=variance,
+                      mask=fit_mask | sat_pix, max_stars=config.psf_max_stars)
+    for w in caught:
+        log.warning("%s", w.message)
+    fitted = ~rejected & np.isfinite(x) & np.isfinite(y)
+    with _timed(timings, "photometry: joint fit"):
+        phot = fit_spots(data, x[fitted], y[fitted], psf, background=background, gain=gain,
+                         read_noise=read_noise, mask=fit_mask, saturation=sat_level,
+                         search_residuals=config.residual_search,
+                         fixed=np.asarray(spots["forced"], bool)[fitted],
+                         release_snr=config.recover_snr)
+    new = np.asarray(phot["residual"], bool)
+    if new.any():  # sources found in the frame minus the model: spots of their own
+        spots = _append_spots(spots, np.asarray(phot["x_fit"])[new], np.asarray(phot["y_fit"])[new])
+        fitted = np.append(fitted, np.ones(int(new.sum()), bool))
+    spots["residual"] = np.zeros(len(spots), bool)
+    rows = np.flatnonzero(fitted)
+    for col in phot.colnames:
+        if col == "residual":
+            spots["residual"][rows] = new
+            continue
+        values = np.asarray(phot[col])
+        full = np.full(len(spots), np.nan if values.dtype.kind == "f" else 0, values.dtype)
+        full[rows] = values
+        spots[col] = full
+        spots[col].unit = phot[col].unit
+        spots[col].description = phot[col].description
+    spots["saturated"] = np.asarray(spots["saturated"], bool) | (np.asarray(spots["n_saturated"]) > 0)
+    nearest = _nearest_distance(np.asarray(spots["x"], float), np.asarray(spots["y"], float))
+    spots["nearest"] = nearest
+    spots["nearest"].unit = "pix"
+    spots["nearest"].description = "distance to the nearest other spot"
+    spots["crowded"] = nearest < aperture_radius_for(fwhm) + 2.0 * fwhm
+    spots["crowded"].description = "another spot within 2 FWHM of the aperture's edge"
+    # A predicted spot that the fit finds significant was only missed by detection
+    # (blended): it is "recovered"; the others stay "forced" (flagged).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        found = np.asarray(spots["flux"], float) >= config.recover_snr * np.asarray(spots["flux_err"], float)
+    forced = np.asarray(spots["forced"], bool)
+    spots["recovered"] = forced & found
+    spots["recovered"].description = ("not detected, but found significant at its predicted "
+                                      "position by the PSF fit (position refined)")
+    spots["forced"] = forced & ~found
+    spots["residual"].description = ("not detected: found in the frame minus the PSF model "
+                                     "of all spots (not classified, in no group)")
+    return spots, groups, {**psf.describe(), "fit_radius": phot.meta["fit_radius"]}
+
+
+def _psf_stars(spots: Table, fwhm: float, config: PhotometryConfig) -> np.ndarray:
+    """Isolated, bright, unsaturated, star-like spots to fit the PSF to."""
+    n = len(spots)
+    if n == 0:
+        return np.zeros(0, bool)
+    nearest = _nearest_distance(np.asarray(spots["x"], float), np.asarray(spots["y"], float))
+    ok = (np.isfinite(nearest) & (nearest > config.psf_isolation * fwhm)
+          & (np.asarray(spots["snr"], float) >= config.psf_min_snr)
+          & ~np.asarray(spots["saturated"], bool)
+          & ~np.asarray(spots["rejected"], bool) & ~np.asarray(spots["uncertain"], bool)
+          & ~np.asarray(spots["forced"], bool)
+          & (np.asarray(spots["elongation"], float) < 1.5))
+    if "transmission" in spots.colnames:
+        ok &= np.asarray(spots["transmission"], float) > 0.9
+    return ok
+
+
+def _nearest_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Distance (pix) to the nearest other position: inf when alone, NaN if not finite."""
+    xy = np.column_stack([x, y])
+    finite = np.isfinite(xy).all(axis=1)
+    nearest = np.full(len(x), np.nan)
+    nearest[finite] = np.inf
+    if finite.sum() > 1:
+        d, _ = cKDTree(xy[finite]).query(xy[finite], k=2)
+        nearest[finite] = d[:, 1]
+    return nearest
+
+
+def _append_spots(spots: Table, x, y, **values) -> Table:
+    """Rows for spots that detection did not give: NaN scores and shapes, not rejected."""
+    new = Table()
+    for name in spots.colnames:
+        col = np.asarray(spots[name])
+        kind = col.dtype.kind
+        fill = np.nan if kind == "f" else (False if kind == "b" else ("" if kind in "US" else -1))
+        new[name] = np.full(len(x), fill, dtype=col.dtype)
+    new["spot_id"] = np.arange(len(spots), len(spots) + len(x))
+    new["x"], new["y"] = x, y
+    if "usable" in new.colnames:
+        new["usable"] = True
+    for name, value in values.items():
+        new[name] = value
+    out = vstack([spots, new], metadata_conflicts="silent")
+    for name in spots.colnames:
+        out[name].unit = spots[name].unit
+        out[name].description = spots[name].description
+    return out
+
+
+def _add_forced_spots(spots: Table, groups: Table, geometry, profile, shape):
+    """Append a spot at the predicted position of the one missing channel of groups
+    with every other channel detected; ``forced`` marks them."""
+    chans = list(profile.channels)
+    spots["forced"] = np.zeros(len(spots), bool)
     if not len(groups):
-        groups["clean"] = np.zeros(0, bool)
+        return spots, groups
+    ids = np.stack([np.asarray(groups[f"spot_{ch}"]) for ch in chans], axis=1)
+    one_missing = (ids < 0).sum(axis=1) == 1
+    g = np.flatnonzero(one_missing)
+    if not g.size:
+        return spots, groups
+    off = geometry.offset_array(np.asarray(groups["x"], float)[g], np.asarray(groups["y"], float)[g])
+    c = np.argmax(ids[g] < 0, axis=1)
+    px = np.asarray(groups["x"], float)[g] + off[c, 0, np.arange(g.size)]
+    py = np.asarray(groups["y"], float)[g] + off[c, 1, np.arange(g.size)]
+    ny, nx = shape
+    on = (px >= 0) & (px <= nx - 1) & (py >= 0) & (py <= ny - 1)
+    g, c, px, py = g[on], c[on], px[on], py[on]
+    if not g.size:
+        return spots, groups
+    first = len(spots)
+    out = _append_spots(spots, px, py, group_id=np.asarray(groups["group_id"])[g],
+                        channel=np.asarray(chans)[c], forced=True)
+    groups = groups.copy(copy_data=True)
+    for k, ch in enumerate(chans):
+        sel = c == k
+        col = np.asarray(groups[f"spot_{ch}"]).copy()
+        col[g[sel]] = first + np.flatnonzero(sel)
+        groups[f"spot_{ch}"] = col
+    groups["n_spots"][g] += 1
+    groups["complete"][g] = True
+    return out, groups
+
+
+def _flag_groups(groups: Table, spots: Table, artifact_mask: np.ndarray, radius: float,
+                 profile: InstrumentProfile, clf: SpotClassifier, threshold: float,
+                 config: PhotometryConfig) -> Table:
+    """Add ``has_rejected`` (a rejected spot: no Stokes row) and ``flags`` (the OR of the
+    spots' quality bits, :class:`~robopol_clean.quality.QualityFlag`)."""
+    groups = groups.copy(copy_data=True)
+    n = len(groups)
+    if not n:
+        groups["has_rejected"] = np.zeros(0, bool)
+        groups["flags"] = np.zeros(0, np.int64)
         return groups
     ids = np.stack([np.asarray(groups[f"spot_{ch}"]) for ch in profile.channels], axis=1)
     present = ids >= 0
     safe = np.where(present, ids, 0)
-    bad_spot = np.asarray(spots["rejected"], bool) | np.asarray(spots["saturated"], bool)
-    if "n_masked" in spots.colnames:
-        bad_spot |= np.asarray(spots["n_masked"]) > 0
-    if EXCLUDE_CONTAMINATED and "contaminated" in spots.colnames:
-        bad_spot |= np.asarray(spots["contaminated"], bool)
+    learned = [c for c in ("p_cnn", "p_morph") if c in spots.colnames]
+    per_spot = spot_flags(spots, photometry=config.method, blend_limit=config.blend_limit,
+                          chi2_limit=config.chi2_limit, cnn_threshold=None)
+    if learned:
+        kept = ~np.asarray(spots["rejected"], bool)
+        with np.errstate(invalid="ignore"):
+            light = kept & (np.asarray(spots[learned[0]], float) >= config.artifact_light_threshold)
+        per_spot |= np.where(light, int(QualityFlag.ARTIFACT_LIGHT), 0)
     touched = apertures_touch_mask(artifact_mask, np.asarray(spots["x"], float),
                                    np.asarray(spots["y"], float), radius)
-    bad = (bad_spot | touched)[safe] & present
-    groups["clean"] = np.asarray(groups["complete"], bool) & present.all(axis=1) & ~bad.any(axis=1)
+    per_spot |= np.where(touched, int(QualityFlag.ARTIFACT_LIGHT), 0)
+    flags = np.bitwise_or.reduce(np.where(present, per_spot[safe], 0), axis=1)
     if "pair_ratio_z" in groups.colnames:
         with np.errstate(invalid="ignore"):
-            groups["clean"] &= ~(np.abs(np.asarray(groups["pair_ratio_z"], float))
-                                 > PAIR_RATIO_Z_MAX)
-    groups["clean"].description = ("complete; no rejected, saturated, masked or contaminated "
-                                   "spot; apertures free of artifact footprints; pair ratio "
-                                   "consistent")
+            off = np.abs(np.asarray(groups["pair_ratio_z"], float)) > config.pair_ratio_z_max
+        flags |= np.where(off, int(QualityFlag.PAIR_RATIO), 0)
+    groups["has_rejected"] = (np.asarray(spots["rejected"], bool)[safe] & present).any(axis=1)
+    groups["has_rejected"].description = "a spot was rejected as an artifact: no Stokes row"
+    groups["flags"] = flags.astype(np.int64)
+    groups["flags"].description = flags_column_description()
     return groups
 
 
@@ -348,5 +545,13 @@ def _write_provenance(ccd: CCDData, meta: dict) -> None:
     h["RCLNREJ"] = (meta["n_rejected"], "spots rejected as artifacts")
     h["RCLNUNC"] = (meta["n_uncertain"], "spots flagged uncertain")
     h["RCLNQUAD"] = (meta["n_quadruplets"], "complete four-spot groups")
-    h["RCLNCLN"] = (meta["n_clean"], "clean quadruplets with Stokes q, u")
+    h["RCLNSTK"] = (meta["n_stokes"], "quadruplets with Stokes q, u (any flags)")
+    h["RCLNCLN"] = (meta["n_clean"], "clean quadruplets: Stokes rows with flags == 0")
     h["RCLFWHM"] = (round(meta["fwhm"], 3), "[pix] stellar FWHM measured")
+    h["RCLPHOT"] = (meta["photometry"], "photometry method")
+    h["RCLCFG"] = (meta["photometry_config_hash"], "hash of the photometry settings")
+    if "psf_fwhm" in meta:
+        h["RCLPSFW"] = (meta["psf_fwhm"], "[pix] PSF FWHM (geometric mean)")
+        h["RCLPSFE"] = (meta["psf_ellipticity"], "PSF ellipticity 1 - b/a")
+        h["RCLPSFB"] = (meta["psf_beta"], "PSF Moffat beta")
+        h["RCLPSFS"] = (meta["psf_source"], "PSF fitted or fallback")

@@ -110,6 +110,8 @@ def plot_night_report(p_artifact, snr, frames, rejection_rates, path=None):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
     p = np.asarray(p_artifact, float)
     snr = np.asarray(snr, float)
+    finite = np.isfinite(p) & np.isfinite(snr)  # spots measured at a predicted position have no S/N
+    p, snr = p[finite], snr[finite]
     axes[0].hist(p, bins=np.linspace(0, 1, 41), color="0.3")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("p_artifact")

@@ -328,7 +328,8 @@ def stokes_from_fluxes(f0, f45, f90, f135, e0, e45, e90, e135, *,
     return StokesResult(**{k: np.asarray(v, dtype=float) for k, v in values.items()})
 
 
-def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool = True) -> Table:
+def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool = True,
+                 keep_invalid: bool = False) -> Table:
     """Stokes parameters of every clean, complete quadruplet.
 
     Parameters
@@ -346,7 +347,10 @@ def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool 
     exclude_flagged : bool
         Also drop groups with a spot whose ``saturated`` flag is set or whose aperture
         lost pixels (``n_masked > 0``), when those columns exist. Groups with a
-        non-finite flux or a non-positive pair sum are always dropped.
+        non-finite flux or a non-positive pair sum are dropped unless ``keep_invalid``.
+    keep_invalid : bool
+        Keep groups with a non-finite flux or a non-positive pair sum, with NaN Stokes
+        parameters (the pipeline flags them instead of dropping them).
 
     Returns
     -------
@@ -389,15 +393,23 @@ def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool 
         rows[ch] = np.where(found, order[pos] if len(ids) else 0, len(ids))
         flux[ch], ferr[ch] = all_flux[rows[ch]], all_ferr[rows[ch]]
     n_candidates = int(np.count_nonzero(use))
+    valid = np.ones(n, bool)
     for ch in channels:
-        use &= np.isfinite(flux[ch]) & np.isfinite(ferr[ch])
+        valid &= np.isfinite(flux[ch]) & np.isfinite(ferr[ch])
         if exclude_flagged:
             if "saturated" in spots.colnames:
                 use &= ~np.append(np.asarray(spots["saturated"], bool), False)[rows[ch]]
             if "n_masked" in spots.colnames:
                 use &= np.append(np.asarray(spots["n_masked"]), 0)[rows[ch]] <= 0
     for a, b in ((by_angle[0.0], by_angle[90.0]), (by_angle[45.0], by_angle[135.0])):
-        use &= (flux[a] + flux[b]) > 0
+        with np.errstate(invalid="ignore"):
+            valid &= (flux[a] + flux[b]) > 0
+    if keep_invalid:
+        for ch in channels:
+            flux[ch] = np.where(valid, flux[ch], np.nan)
+            ferr[ch] = np.where(valid, ferr[ch], np.nan)
+    else:
+        use &= valid
     if n_candidates - np.count_nonzero(use):
         log.info("stokes_table: %d of %d clean complete groups dropped (flagged, masked or "
                  "non-finite fluxes)", n_candidates - np.count_nonzero(use), n_candidates)
@@ -407,9 +419,10 @@ def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool 
     q_inst, u_inst = profile.instrumental_qu(x, y)
     f = {a: flux[ch][use] for a, ch in by_angle.items()}
     e = {a: ferr[ch][use] for a, ch in by_angle.items()}
-    res = stokes_from_fluxes(f[0.0], f[45.0], f[90.0], f[135.0], e[0.0], e[45.0], e[90.0],
-                             e[135.0], q_inst=q_inst, u_inst=u_inst,
-                             angle_zero=profile.angle_zero)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        res = stokes_from_fluxes(f[0.0], f[45.0], f[90.0], f[135.0], e[0.0], e[45.0], e[90.0],
+                                 e[135.0], q_inst=q_inst, u_inst=u_inst,
+                                 angle_zero=profile.angle_zero)
 
     out = Table()
     out["group_id"] = np.asarray(groups["group_id"])[use] if n else np.zeros(0, np.int64)

@@ -178,6 +178,62 @@ def test_streak_is_one_elongated_spot(profile):
     assert cols.min() <= 38 and cols.max() >= 68
 
 
+def add_streak(img, x, y, amp, *, length=25.0, fwhm_y=4.0, tail=0.1, direction=-1):
+    """Add a reflection streak: a bright head at (x, y) and a fading tail along ``direction`` x.
+
+    As in :mod:`robopol_clean.simulate`: the head is 1.5 times longer than wide, the tail
+    starts at ``tail`` times the head and fades to 3% of it ``length`` px from the head's far
+    side. Returns ``img`` (changed in place).
+    """
+    ny, nx = img.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    sv = fwhm_y / 2.3548
+    sh = 1.5 * sv
+    tau = (length - 2.65 * sh) / np.log(tail / 0.03)
+    u = (xx - x) * direction
+    up = np.clip(u, 0, None)
+    along = np.exp(-0.5 * (u / sh) ** 2) + tail * np.exp(-up / tau) * (1 - np.exp(-0.5 * (up / sh) ** 2))
+    img += amp * along * np.exp(-0.5 * ((yy - y) / sv) ** 2)
+    return img
+
+
+def star_and_streak(sep, seed, clipped):
+    """A star and, ``sep`` px to its right, a 25-px streak whose tail points at the star.
+
+    ``clipped``: an 8-bit-like rendering (sky 50, noise 29, clipped to 0-255, as the real
+    frame) where both the star's and the streak's cores are clipped; otherwise the linear
+    sky of this module's other tests.
+    """
+    shape = (64, 128)
+    star = (30.3, 32.2)
+    head = (star[0] + sep, 32.6)
+    sky, noise, star_amp, head_amp = (50.0, 29.0, 1000.0, 2000.0) if clipped else (SKY, NOISE, 3000.0, 600.0)
+    img = render(shape, [star[0]], [star[1]], [star_amp], sky=sky, noise=0).astype(float)
+    add_streak(img, *head, head_amp)
+    img += np.random.default_rng(seed).normal(0.0, noise, shape)
+    if clipped:
+        img = np.clip(np.round(img), 0, 255)
+    return img.astype(np.float32), star, head
+
+
+@pytest.mark.parametrize("clipped", [False, True], ids=["linear", "clipped"])
+@pytest.mark.parametrize("sep", [20, 30, 40])
+def test_streak_beside_star_is_its_own_spot(profile, sep, clipped):
+    """A streak 20-40 px from a star is neither folded into it nor split along its tail.
+
+    Faint maxima on the tail's end, next to the star's wing, must not chain the two.
+    """
+    for seed in range(8):
+        img, star, head = star_and_streak(sep, seed, clipped)
+        spots = detect_spots(img, profile=profile).spots
+        assert len(spots) == 2, (seed, spots["x", "y", "snr"])
+        dist, idx = nearest(spots, np.array([star[0], head[0]]), np.array([star[1], head[1]]))
+        assert dist[0] < 1.0 and dist[1] < 3.0 and idx[0] != idx[1], (seed, dist)
+        streak = spots[idx[1]]
+        assert streak["elongation"] > 1.2  # its tail may go to the star's share of the footprint
+        assert bool(streak["saturated"]) == clipped
+
+
 def test_cosmic_ray_is_sharp(profile):
     img = render((64, 64), [32.0], [30.0], [1500], seed=9)
     img[10, 50] += 3000.0  # single hot pixel
@@ -258,3 +314,26 @@ def test_noise_free_frame(profile):
     assert len(spots) == 2
     dist, _ = nearest(spots, np.array([40.3, 90.2]), np.array([50.6, 80.1]))
     assert np.all(dist < 0.1)
+
+
+@pytest.mark.shared
+def test_real_frame_artifacts_and_stars_detected(real_frame, profile):
+    """J1428 (8-bit rendering): each labelled artifact is one spot, every labelled star spot found."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    data = fits.getdata(real_frame / "J1428.fits").astype(np.float32)
+    art = Table.read(real_frame / "J1428_artifacts.ecsv")
+    quads = Table.read(real_frame / "J1428_quads.ecsv")
+    spots = detect_spots(data, profile=profile).spots
+    x, y = np.asarray(spots["x"]), np.asarray(spots["y"])
+    # within a labelled artifact's horizontal extent (cosmic rays: a few pixels)
+    half = np.maximum(np.asarray(art["length_px"], float), 4.0)[:, None] / 2 + 3.0
+    inside = (np.abs(y[None, :] - np.asarray(art["y"])[:, None]) <= 3.0) & \
+        (np.abs(x[None, :] - np.asarray(art["x_center"])[:, None]) <= half)
+    count = inside.sum(axis=1)
+    assert np.all(count == 1), list(zip(art["id"], count))
+    xs = np.concatenate([quads[f"x_{ch}"] for ch in profile.channels])
+    ys = np.concatenate([quads[f"y_{ch}"] for ch in profile.channels])
+    dist, _ = nearest(spots, xs, ys)
+    assert np.all(dist < 2.0), np.sort(dist)[-5:]

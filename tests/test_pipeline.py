@@ -27,18 +27,26 @@ def test_tables_have_documented_columns(result):
         assert col in result.spots.colnames
     for col in ("group_id", "x", "y", "q", "q_err", "u", "u_err", "p", "p_err", "theta", "theta_err"):
         assert col in result.stokes.colnames
-    assert np.all((result.spots["p_artifact"] >= 0) & (result.spots["p_artifact"] <= 1))
-    assert np.all(result.stokes["q_err"] > 0)
+    s = result.spots
+    detected = s[~(s["forced"] | s["recovered"] | s["residual"])]
+    assert np.all((detected["p_artifact"] >= 0) & (detected["p_artifact"] <= 1))
+    assert np.all(result.stokes["q_err"][result.stokes["flags"] == 0] > 0)
     assert np.all((result.stokes["theta"] >= 0) & (result.stokes["theta"] < 180))
 
 
-def test_only_clean_quadruplets_get_stokes(result):
-    clean = result.groups[result.groups["clean"]]
-    assert set(result.stokes["group_id"]) == set(clean["group_id"])
+def test_stokes_rows_for_quadruplets_without_rejected_spots(result):
+    g = result.groups
+    measured = g[g["complete"] & ~g["has_rejected"]]
+    assert set(result.stokes["group_id"]) == set(measured["group_id"])
+    clean = g[g["clean"]]
+    assert set(result.stokes["group_id"][result.stokes["flags"] == 0]) == set(clean["group_id"])
+    assert result.meta["n_clean"] == len(clean) and result.meta["n_stokes"] == len(measured)
     spots = result.spots
     for gid in result.stokes["group_id"]:
         members = spots[spots["group_id"] == gid]
         assert len(members) == 4 and not members["rejected"].any()
+    # a group with a rejected spot gets no row
+    assert not set(g["group_id"][g["has_rejected"]]) & set(result.stokes["group_id"])
 
 
 def test_mask_is_ored_and_provenance(small_sim, profile, morphology, result):
@@ -46,7 +54,8 @@ def test_mask_is_ored_and_provenance(small_sim, profile, morphology, result):
     assert np.array_equal(result.ccd.mask | result.artifact_mask, result.ccd.mask)
     h = result.ccd.header
     assert h["RCLCLASS"] == "morphology"
-    assert h["RCLNSPOT"] == len(result.spots)
+    predicted = result.spots["forced"] | result.spots["recovered"] | result.spots["residual"]
+    assert h["RCLNSPOT"] == int((~predicted).sum()) == result.meta["n_spots"]
     assert h["RCLNREJ"] == int(result.spots["rejected"].sum())
     assert all(len(k) <= 8 for k in h)
     # An existing mask survives: OR-ed, never replaced.

@@ -18,7 +18,8 @@ def test_shipped_model_auc_on_fresh_frames():
         sim = simulate_frame("robopol", seed=seed, n_artifact_sources=10)
         result = reduce_frame(sim.ccd, classifier=clf)
         lab, _, _ = match_detections(result.spots, _truth_with_extent(sim))
-        ok = lab >= 0
+        s = result.spots
+        ok = (lab >= 0) & ~np.asarray(s["forced"] | s["recovered"] | s["residual"])
         labels.append(lab[ok])
         p_default.append(np.asarray(result.spots["p_artifact"])[ok])
         p_cnn.append(np.asarray(result.spots["p_cnn"])[ok])

@@ -352,16 +352,25 @@ def test_contamination_estimate_and_flag():
 
 
 def test_pipeline_photometry_columns(small_sim, profile, morphology):
-    """The pipeline measures with the sky map and footprints, and flags what it should."""
-    from robopol_clean.pipeline import PAIR_RATIO_Z_MAX, reduce_frame
+    """The aperture method measures with the sky map and footprints, and flags blends."""
+    from robopol_clean.config import PhotometryConfig
+    from robopol_clean.pipeline import reduce_frame
+    from robopol_clean.quality import QualityFlag
 
-    res = reduce_frame(small_sim.ccd, profile=profile, classifier=morphology)
+    res = reduce_frame(small_sim.ccd, profile=profile, classifier=morphology,
+                       photometry="aperture")
     spots, groups = res.spots, res.groups
     for col in ("flux", "flux_err", "n_sky", "contamination", "contaminated"):
         assert col in spots.colnames
-    assert "pair_ratio_z" in groups.colnames and "pair_ratio" in groups.meta
-    assert groups.meta["pair_ratio"]["error_scale"] >= 1.0
+    assert "pair_ratio_z" in groups.colnames and res.meta["photometry"] == "aperture"
     clean = groups[groups["clean"]]
-    assert len(clean) and np.all(np.abs(clean["pair_ratio_z"]) <= PAIR_RATIO_Z_MAX)
+    limit = PhotometryConfig().pair_ratio_z_max
+    assert len(clean) and np.all(np.abs(clean["pair_ratio_z"]) <= limit)
     ids = np.concatenate([np.asarray(clean[f"spot_{ch}"]) for ch in profile.channels])
     assert not np.asarray(spots["contaminated"])[ids].any()
+    # a contaminated spot flags its quadruplet instead of dropping it
+    rows = res.stokes[(np.asarray(res.stokes["flags"]) & QualityFlag.BLENDED) > 0]
+    for gid in rows["group_id"]:
+        g = groups[groups["group_id"] == gid][0]
+        members = [g[f"spot_{ch}"] for ch in profile.channels]
+        assert np.asarray(spots["contaminated"])[members].any()

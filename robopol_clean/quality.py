@@ -1,0 +1,103 @@
+"""Quality flags of Stokes measurements: a documented bitmask, 0 = clean.
+
+Every complete quadruplet with no rejected (artifact) spot gets a Stokes row; what may
+make its q and u doubtful is recorded in the row's integer ``flags`` column instead of
+dropping it. Select ``flags == 0`` for science, or test single bits:
+
+>>> from robopol_clean.quality import QualityFlag
+>>> flags = QualityFlag.BLENDED | QualityFlag.FORCED
+>>> int(flags), bool(flags & QualityFlag.SATURATED)
+(17, False)
+>>> describe_flags(17)
+['blended', 'forced']
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+__all__ = ["QualityFlag", "FLAG_DESCRIPTIONS", "describe_flags", "flags_column_description",
+           "spot_flags"]
+
+
+class QualityFlag(enum.IntFlag):
+    """Bits of the Stokes table's ``flags`` column (set when any of the four spots has it)."""
+
+    #: Strongly blended: other spots' light in the spot's PSF-weighted pixels exceeds
+    #: ``blend_limit`` times its own (PSF photometry), or the neighbours' estimated light
+    #: in the aperture exceeds the contamination limit (aperture photometry).
+    BLENDED = 1
+    #: Pixels of the spot's fit region (or aperture) are masked, non-finite or off the image.
+    MASKED = 2
+    #: Saturated or clipped pixels near the spot (left out of a PSF fit).
+    SATURATED = 4
+    #: Poor PSF fit: the reduced chi-square of the spot's own pixels exceeds ``chi2_limit``.
+    POOR_FIT = 8
+    #: A spot was not detected and was measured at the position the geometry predicts.
+    FORCED = 16
+    #: A spot's artifact score lies in the uncertain band.
+    UNCERTAIN = 32
+    #: Artifact light on a kept spot: the network scores it as an artifact although its
+    #: partners confirm a star, or a masked artifact touches its aperture.
+    ARTIFACT_LIGHT = 64
+    #: The pair-sum ratio (F45 + F135) / (F0 + F90) deviates from the frame's smooth fit.
+    PAIR_RATIO = 128
+    #: A flux is not finite or a pair sum is not positive: q or u is undefined (NaN).
+    BAD_FLUX = 256
+
+
+FLAG_DESCRIPTIONS = {
+    QualityFlag.BLENDED: "blended: neighbouring spots' light dominates a spot's pixels",
+    QualityFlag.MASKED: "a spot lost pixels to the mask, non-finite pixels or the image edge",
+    QualityFlag.SATURATED: "saturated or clipped pixels near a spot",
+    QualityFlag.POOR_FIT: "poor PSF fit (reduced chi-square above the limit)",
+    QualityFlag.FORCED: "a spot was not detected and was measured at its predicted position",
+    QualityFlag.UNCERTAIN: "a spot's artifact score is in the uncertain band",
+    QualityFlag.ARTIFACT_LIGHT: "artifact light on a kept spot (network score or masked artifact)",
+    QualityFlag.PAIR_RATIO: "pair-sum ratio inconsistent with the frame's smooth fit",
+    QualityFlag.BAD_FLUX: "a flux is non-finite or a pair sum is not positive (q or u is NaN)",
+}
+
+
+def describe_flags(value: int) -> list[str]:
+    """Names (lower case) of the bits set in ``value``."""
+    return [f.name.lower() for f in QualityFlag if int(value) & f]
+
+
+def flags_column_description() -> str:
+    """One-line description of the ``flags`` column listing every bit."""
+    bits = ", ".join(f"{int(f)} {f.name.lower()}" for f in QualityFlag)
+    return f"quality bitmask, 0 = clean measurement ({bits}; see the conventions page)"
+
+
+def spot_flags(spots, *, photometry: str, blend_limit: float, chi2_limit: float,
+               cnn_threshold: float | None) -> np.ndarray:
+    """Per-spot bits from the photometry and classification columns of a spots table."""
+    n = len(spots)
+    flags = np.zeros(n, np.int64)
+
+    def col(name, default):
+        return np.asarray(spots[name]) if name in spots.colnames else np.full(n, default)
+
+    with np.errstate(invalid="ignore"):
+        if photometry == "psf":
+            flags |= np.where(col("blend", 0.0).astype(float) > blend_limit, QualityFlag.BLENDED, 0)
+            flags |= np.where(col("n_bad", 0).astype(float) > 0, QualityFlag.MASKED, 0)
+            flags |= np.where(col("n_saturated", 0).astype(float) > 0, QualityFlag.SATURATED, 0)
+            flags |= np.where(col("chi2", 0.0).astype(float) > chi2_limit, QualityFlag.POOR_FIT, 0)
+        else:
+            flags |= np.where(col("contaminated", False).astype(bool), QualityFlag.BLENDED, 0)
+            flags |= np.where(col("n_masked", 0).astype(float) > 0, QualityFlag.MASKED, 0)
+        flags |= np.where(col("saturated", False).astype(bool), QualityFlag.SATURATED, 0)
+        flags |= np.where(col("forced", False).astype(bool), QualityFlag.FORCED, 0)
+        flags |= np.where(col("uncertain", False).astype(bool), QualityFlag.UNCERTAIN, 0)
+        if cnn_threshold is not None and "p_cnn" in spots.colnames:
+            kept = ~col("rejected", False).astype(bool)
+            flags |= np.where(kept & (col("p_cnn", 0.0).astype(float) >= cnn_threshold),
+                              QualityFlag.ARTIFACT_LIGHT, 0)
+        flux = col("flux", np.nan).astype(float)
+        flags |= np.where(~np.isfinite(flux) | ~np.isfinite(col("flux_err", np.nan).astype(float)),
+                          QualityFlag.BAD_FLUX, 0)
+    return flags

@@ -498,3 +498,19 @@ def run(ctx: Context) -> Section:
                 "photometry_keyword": methods != [None], "snr_min": SNR_MIN,
                 "match_radius": MATCH_RADIUS, "results": data}
     return sec
+
+
+def readme_row(results: dict, n_frames: int) -> str:
+    """The README's crowded-field row, from this section's ``results`` (``sec.data``):
+    ``tests/test_readme_numbers.py`` checks that the README carries exactly this line."""
+    def part(method: str) -> str:
+        r = results[method]
+        a, d = r["overall"]["all"], r["densest"]["all"]
+        p = a["pulls"]
+        return (f"{a['completeness']:.3f} of eligible stars get a `flags == 0` row (densest frames "
+                f"{d['completeness']:.3f}), q/u pulls robust sigma {p['sigma_robust']:.2f}, "
+                f"{100 * p['frac_over']:.1f} % beyond 5 sigma")
+    return (f"| crowded fields, {n_frames} held-out frames of 200-1,200 stars and FWHM 3-6 px "
+            f"| PSF photometry (default): {part('psf')}; apertures: {part('aperture')} "
+            f"| `python benchmarks/run.py --only crowding,psf --json "
+            f"benchmarks/results/photometry.json --rst docs/photometry_table.rst` |")

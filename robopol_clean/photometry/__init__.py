@@ -11,38 +11,9 @@ All are array-in functions on a plain image in adu; fluxes come out in electrons
 uncertainties from the CCD noise model.
 """
 
-from .aperture import (
-    ANNULUS_RADIUS_FACTORS,
-    APERTURE_FWHM_FACTOR,
-    DEFAULT_CONTAMINATION_LIMIT,
-    DEFAULT_PSF_BETA,
-    annulus_for,
-    aperture_radius_for,
-    circle_overlap_weights,
-    clipped_sky,
-    flux_variance,
-    measure_spots,
-    moffat_aperture_fraction,
-)
-from .fit import fit_spots, solve_normal_equations
-from .psf import PSFFallbackWarning, PSFModel, fit_psf, moffat_psf
+from . import aperture, fit, psf
+from .aperture import *  # noqa: F403
+from .fit import *  # noqa: F403
+from .psf import *  # noqa: F403
 
-__all__ = [
-    "APERTURE_FWHM_FACTOR",
-    "ANNULUS_RADIUS_FACTORS",
-    "DEFAULT_PSF_BETA",
-    "DEFAULT_CONTAMINATION_LIMIT",
-    "aperture_radius_for",
-    "annulus_for",
-    "flux_variance",
-    "measure_spots",
-    "moffat_aperture_fraction",
-    "clipped_sky",
-    "circle_overlap_weights",
-    "PSFModel",
-    "PSFFallbackWarning",
-    "fit_psf",
-    "moffat_psf",
-    "fit_spots",
-    "solve_normal_equations",
-]
+__all__ = aperture.__all__ + fit.__all__ + psf.__all__

@@ -270,17 +270,7 @@ def measure_spots(
         ``x`` and ``y`` (or ``labels``) differ in length, or the radii, gain, read
         noise or clipping options are invalid.
     """
-    data = np.asarray(data)
-    if data.ndim != 2:
-        raise ValueError(f"data must be a 2-D image, got {data.ndim}-D")
-    x = np.atleast_1d(np.asarray(x, dtype=float))
-    y = np.atleast_1d(np.asarray(y, dtype=float))
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-D of the same length, got {x.shape} and {y.shape}")
-    if not (gain > 0 and np.isfinite(gain)):
-        raise ValueError(f"gain must be positive (electron/adu), got {gain}")
-    if not (read_noise >= 0 and np.isfinite(read_noise)):
-        raise ValueError(f"read_noise must be non-negative (electron), got {read_noise}")
+    data, x, y = _checked_inputs(data, x, y, gain, read_noise)
     r = aperture_radius_for(fwhm) if aperture_radius is None else float(aperture_radius)
     if not (np.isfinite(r) and r > 0):
         raise ValueError(f"aperture_radius must be positive, got {aperture_radius}")
@@ -431,6 +421,23 @@ def _moffat_fraction_table(radius: float, fwhm: float, beta: float, d_max: float
         r2 = (px[None, :] - g) ** 2 + py[None, :] ** 2
         out[s:s + 256] = (norm * (1.0 + r2 / alpha**2) ** (-beta)) @ w
     return grid, np.clip(out, 0.0, 1.0)
+
+
+def _checked_inputs(data, x, y, gain: float, read_noise: float):
+    """The image as a 2-D array and the positions as 1-D float copies; clear errors for
+    a wrong shape or a non-physical gain or read noise."""
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise ValueError(f"data must be a 2-D image, got {data.ndim}-D")
+    x = np.atleast_1d(np.array(x, dtype=float))
+    y = np.atleast_1d(np.array(y, dtype=float))
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of the same length, got {x.shape} and {y.shape}")
+    if not (gain > 0 and np.isfinite(gain)):
+        raise ValueError(f"gain must be positive (electron/adu), got {gain}")
+    if not (read_noise >= 0 and np.isfinite(read_noise)):
+        raise ValueError(f"read_noise must be non-negative (electron), got {read_noise}")
+    return data, x, y
 
 
 def _clip_options(sigma_clip) -> tuple[float, float, int]:

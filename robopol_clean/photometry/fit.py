@@ -45,15 +45,15 @@ pixels get zero weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-from astropy.table import Table
+from astropy.table import Table, vstack
 from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from .aperture import _gather, clipped_sky
+from .aperture import _checked_inputs, _gather, clipped_sky
 from .psf import PSFModel
 
 __all__ = ["fit_spots", "solve_normal_equations"]
@@ -147,17 +147,7 @@ def fit_spots(
         (fraction of the light in the spot's PSF-weighted pixels that belongs to other
         spots) and ``shift`` (pix, total position correction).
     """
-    data = np.asarray(data)
-    if data.ndim != 2:
-        raise ValueError(f"data must be a 2-D image, got {data.ndim}-D")
-    x = np.atleast_1d(np.asarray(x, float)).copy()
-    y = np.atleast_1d(np.asarray(y, float)).copy()
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-D of the same length, got {x.shape} and {y.shape}")
-    if not (gain > 0 and np.isfinite(gain)):
-        raise ValueError(f"gain must be positive (electron/adu), got {gain}")
-    if not (read_noise >= 0 and np.isfinite(read_noise)):
-        raise ValueError(f"read_noise must be non-negative (electron), got {read_noise}")
+    data, x, y = _checked_inputs(data, x, y, gain, read_noise)
     n = x.size
     fixed = np.zeros(n, bool) if fixed is None else np.broadcast_to(np.asarray(fixed, bool), (n,))
     fwhm = psf.fwhm
@@ -186,12 +176,8 @@ def fit_spots(
         found = _residual_sources(frame, model, t, search_chi2, search_snr,
                                   search_separation * fwhm)
     if len(found):
-        xs = np.concatenate([np.where(np.isfinite(t["x_fit"]), t["x_fit"], x), found[:, 0]])
-        ys = np.concatenate([np.where(np.isfinite(t["y_fit"]), t["y_fit"], y), found[:, 1]])
-        start_x, start_y = np.concatenate([x, found[:, 0]]), np.concatenate([y, found[:, 1]])
-        t, _ = _fit_once(frame, xs, ys, np.concatenate([fixed, np.zeros(len(found), bool)]),
-                         max(int(n_recentre), 1), recentre_snr, max_shift, release_snr,
-                         start=(start_x, start_y))
+        t = _refit_near(frame, t, x, y, fixed, found, min(int(n_recentre), 1), recentre_snr,
+                        max_shift, release_snr)
     t["residual"] = np.arange(len(t)) >= n
     t["residual"].description = "found in the frame minus the model, not in the input positions"
     t.meta.update({"fit_radius": r_fit, "model_radius": r_mod, "sky_annulus": [s_in, s_out],
@@ -218,12 +204,11 @@ class _Frame:
 
 def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, release_snr,
               start=None):
-    """The passes of :func:`fit_spots` for fixed positions and count of spots; returns
-    the table and the model image of the last positions and fluxes (adu)."""
+    """The passes of :func:`fit_spots` for a fixed set of spots; returns the table and
+    the model image (adu) of the last positions and fluxes but one."""
     resid, bkg, bad, sat, gain, ron2 = (frame.resid, frame.bkg, frame.bad, frame.sat,
                                         frame.gain, frame.ron2)
     psf, r_fit, r_mod, coupling = frame.psf, frame.r_fit, frame.r_mod, frame.coupling
-    s_in, s_out = frame.annulus
     ny, nx = resid.shape
     x, y = np.array(x, float), np.array(y, float)
     n = x.size
@@ -232,100 +217,72 @@ def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, r
                                                          np.array(start[1], float))
     x[~ok], y[~ok] = -1e6, -1e6  # off the image: no pixels
     stamp = _Stamps(r_mod, (ny, nx))
-    unusable = (bad | sat).ravel()
-
-    # -- fit pixels: within r_fit of any spot, usable ------------------------------------
-    def build(xs, ys):
-        pix, dx, dy, col = stamp.entries(xs, ys)
-        d2 = dx * dx + dy * dy
-        is_fit = np.zeros(ny * nx, bool)
-        is_fit[pix[(d2 <= r_fit * r_fit) & ~unusable[pix]]] = True
-        fit_pix = np.flatnonzero(is_fit)
-        row_of = np.full(ny * nx, -1, np.int64)
-        row_of[fit_pix] = np.arange(fit_pix.size)
-        rows = row_of[pix]
-        member = (rows >= 0) & (d2 <= r_mod * r_mod)
-        return fit_pix, rows[member], dx[member], dy[member], col[member]
-
-    fit_pix, row, dx, dy, col = build(x, y)
-    r_obs = resid.ravel()[fit_pix]
-    b_pix = np.maximum(bkg.ravel()[fit_pix], 0.0)
-
-    def design(rows, cols, values, ncol):
-        return sparse.csc_matrix((values, (rows, cols)), shape=(fit_pix.size, ncol))
+    lay = _Layout(stamp, x, y, psf, r_fit, r_mod, (bad | sat).ravel())
+    r_obs = resid.ravel()[lay.fit_pix]
+    b_pix = np.maximum(bkg.ravel()[lay.fit_pix], 0.0)
 
     # pass 1: data-based weights
     var = (b_pix + np.maximum(r_obs, 0.0)) / gain + ron2
-    P = psf.evaluate(dx, dy)
-    A = design(row, col, P, n)
+    A = lay.design(n)
     flux, _ = _weighted_solve(A, r_obs, 1.0 / var, coupling)
     if release_snr is not None:
-        snr1 = flux * np.sqrt(np.maximum(_diag_info(A, 1.0 / var), 0.0))
         with np.errstate(invalid="ignore"):
-            fixed = fixed & ~(snr1 >= release_snr)
-
-    def with_positions(move):
-        """Design matrix of fluxes and position corrections of the spots that move."""
-        m = move[col]
-        gx, gy = psf.gradient(dx[m], dy[m])
-        f_c = flux[col[m]]
-        cols3 = np.concatenate([col, n + col[m], 2 * n + col[m]])
-        vals3 = np.concatenate([P, -f_c * gx, -f_c * gy])
-        rows3 = np.concatenate([row, row[m], row[m]])
-        return sparse.csc_matrix((vals3, (rows3, cols3)), shape=(fit_pix.size, 3 * n))
+            fixed = fixed & ~(_snr(A, flux, var) >= release_snr)
 
     def movable():
-        snr = flux * np.sqrt(np.maximum(_diag_info(A, 1.0 / var), 0.0))
-        return ok & ~fixed & (snr > recentre_snr) & np.isfinite(flux)
+        with np.errstate(invalid="ignore"):
+            return ok & ~fixed & (_snr(A, flux, var) > recentre_snr) & np.isfinite(flux)
 
-    # pass 2: fluxes and position corrections together
+    # pass 2: fluxes and position corrections together (one linearised step a pass)
     for _ in range(max(int(n_recentre), 0)):
         move = movable()
-        A3 = with_positions(move)
-        model = A @ np.nan_to_num(flux)
-        var = (b_pix + np.maximum(model, 0.0)) / gain + ron2
-        sol, _ = _weighted_solve(A3, r_obs, 1.0 / var, coupling)
+        var = (b_pix + np.maximum(A @ np.nan_to_num(flux), 0.0)) / gain + ron2
+        sol, _ = _weighted_solve(lay.design_with_positions(n, move, flux, psf), r_obs,
+                                 1.0 / var, coupling)
         step_x = np.clip(np.nan_to_num(sol[n:2 * n]), -0.5, 0.5)
         step_y = np.clip(np.nan_to_num(sol[2 * n:]), -0.5, 0.5)
+        flux = np.where(np.isfinite(sol[:n]), sol[:n], flux)
         nx_, ny_ = x + np.where(move, step_x, 0.0), y + np.where(move, step_y, 0.0)
         shift = np.hypot(nx_ - x0, ny_ - y0)
         scale = np.where(shift > max_shift, max_shift / np.maximum(shift, 1e-12), 1.0)
         x = np.where(ok, x0 + (nx_ - x0) * scale, x)
         y = np.where(ok, y0 + (ny_ - y0) * scale, y)
-        fit_pix, row, dx, dy, col = build(x, y)
-        r_obs = resid.ravel()[fit_pix]
-        b_pix = np.maximum(bkg.ravel()[fit_pix], 0.0)
-        P = psf.evaluate(dx, dy)
-        A = design(row, col, P, n)
-        var = (b_pix + np.maximum(r_obs, 0.0)) / gain + ron2
-        flux, _ = _weighted_solve(A, r_obs, 1.0 / var, coupling)
+        lay = _Layout(stamp, x, y, psf, r_fit, r_mod, (bad | sat).ravel())
+        r_obs = resid.ravel()[lay.fit_pix]
+        b_pix = np.maximum(bkg.ravel()[lay.fit_pix], 0.0)
+        A = lay.design(n)
+        var = (b_pix + np.maximum(A @ np.nan_to_num(flux), 0.0)) / gain + ron2
 
-    # pass 3: local sky from the frame minus the model of every spot
-    # bright spots to the PSF's full radius, so that their far wings do not count as sky
-    bright = movable() & (flux * np.sqrt(np.maximum(_diag_info(A, 1.0 / var), 0.0)) > 100.0)
-    full = (_model_image(stamp, x, y, np.where(bright, 0.0, np.nan_to_num(flux)), psf,
-                         (ny, nx), r_mod)
-            + _model_image(_Stamps(psf.radius, (ny, nx)), x[bright], y[bright], flux[bright],
-                           psf, (ny, nx), float(psf.radius)))
-    sky_off, sky_err = _local_sky(resid - full, bad | sat, x, y, s_in, s_out, bkg, gain, ron2)
+    # pass 3: local sky from the frame minus the model of every spot; bright spots to
+    # the PSF's full radius, so that their far wings do not count as sky
+    bright = movable() & (_snr(A, flux, var) > 100.0)
+    full = lay.model_image(np.where(bright, 0.0, np.nan_to_num(flux)), (ny, nx))
+    if bright.any():
+        wide = _Layout(_Stamps(psf.radius, (ny, nx)), x[bright], y[bright], psf, r_fit,
+                       float(psf.radius), None)
+        full += wide.model_image(flux[bright], (ny, nx))
+    sky_off, sky_err = _local_sky(resid - full, full, bad | sat, x, y, *frame.annulus, bkg, gain,
+                                  ron2)
     sky_off = np.where(ok, np.nan_to_num(sky_off), 0.0)
     # the sky at a fitted pixel: mean of the offsets of the spots whose fit region holds it
-    near_fit = dx * dx + dy * dy <= r_fit * r_fit
-    s_sum = np.bincount(row[near_fit], weights=sky_off[col[near_fit]], minlength=fit_pix.size)
-    s_cnt = np.bincount(row[near_fit], minlength=fit_pix.size)
+    row, col, near_fit = lay.row, lay.col[lay.m], lay.d2[lay.m] <= r_fit * r_fit
+    s_sum = np.bincount(row[near_fit], weights=sky_off[col[near_fit]], minlength=lay.fit_pix.size)
+    s_cnt = np.bincount(row[near_fit], minlength=lay.fit_pix.size)
     sky_pix = s_sum / np.maximum(s_cnt, 1)
 
     # pass 4: fluxes with model weights; the covariance includes the positions of the
     # spots that were refined (it matters for blends)
     r_fin = r_obs - sky_pix
-    model = A @ np.nan_to_num(flux)
-    var = (np.maximum(b_pix + sky_pix, 0.0) + np.maximum(model, 0.0)) / gain + ron2
+    var = (np.maximum(b_pix + sky_pix, 0.0) + np.maximum(A @ np.nan_to_num(flux), 0.0)) / gain \
+        + ron2
     w = 1.0 / var
     move = movable() if n_recentre > 0 else np.zeros(n, bool)
     rhs = np.column_stack([r_fin, np.ones_like(r_fin)])
-    sol, diag = _weighted_solve(with_positions(move), rhs, w, coupling, want_diag=True)
+    sol, diag = _weighted_solve(lay.design_with_positions(n, move, flux, psf), rhs, w, coupling,
+                                want_diag=True)
     flux, g, diag = sol[:n, 0], sol[:n, 1], diag[:n]
     flux_var = diag + g * g * np.where(np.isfinite(sky_err), sky_err, 0.0) ** 2
+    P = lay.P_m
 
     # -- per-spot diagnostics on the spot's own pixels ------------------------------------
     model = A @ np.nan_to_num(flux)
@@ -342,12 +299,11 @@ def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, r
     with np.errstate(divide="ignore", invalid="ignore"):
         blend = (np.bincount(col, weights=wP * np.maximum(others, 0.0), minlength=n)
                  / np.bincount(col, weights=wP * np.maximum(own_light, 0.0), minlength=n))
-    pix_all, dxa, dya, cola = stamp.entries(x, y)
-    within = dxa * dxa + dya * dya <= r_fit * r_fit
-    on_image = np.bincount(cola[within], minlength=n)
-    n_bad = (stamp.disk_counts(x, y, r_fit) - on_image
-             + np.bincount(cola[within], weights=bad.ravel()[pix_all[within]], minlength=n))
-    n_sat = np.bincount(cola[within], weights=sat.ravel()[pix_all[within]], minlength=n)
+    within = lay.d2 <= r_fit * r_fit
+    cw, pw = lay.col[within], lay.pix[within]
+    n_bad = (stamp.disk_counts(x, y, r_fit) - np.bincount(cw, minlength=n)
+             + np.bincount(cw, weights=bad.ravel()[pw], minlength=n))
+    n_sat = np.bincount(cw, weights=sat.ravel()[pw], minlength=n)
 
     t = Table()
     valid = ok & (n_fit > 0) & np.isfinite(flux)
@@ -378,6 +334,47 @@ def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, r
         t[name].unit = unit
         t[name].description = desc
     return t, full
+
+
+def _refit_near(frame: _Frame, t: Table, x, y, fixed, found, n_recentre, recentre_snr,
+                max_shift, release_snr) -> Table:
+    """Fit again, with the sources ``found`` added, the spots near them; the rest keep
+    their fit and are subtracted as a fixed model. Spots up to a buffer distance beyond
+    those updated are fitted too, so the updated ones see all their neighbours free."""
+    gain, psf = frame.gain, frame.psf
+    reach = frame.r_fit + frame.r_mod + frame.annulus[1]  # a new source can change these
+    buffer = reach + frame.r_fit + frame.r_mod
+    xf = np.where(np.isfinite(t["x_fit"]), t["x_fit"], x)
+    yf = np.where(np.isfinite(t["y_fit"]), t["y_fit"], y)
+    pos = np.column_stack([np.nan_to_num(xf, nan=-1e9), np.nan_to_num(yf, nan=-1e9)])
+    d, _ = cKDTree(found).query(pos)
+    fitted = d <= buffer
+    update = np.flatnonzero(d <= reach)
+    flux = np.asarray(t["flux"], float) / gain
+    keep = ~fitted & np.isfinite(flux) & np.isfinite(xf) & np.isfinite(yf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        wide = keep & (np.asarray(t["flux"], float) > 100.0 * np.asarray(t["flux_err"], float))
+    shape = frame.resid.shape
+    fixed_model = np.zeros(shape)
+    for sel, radius in ((keep & ~wide, frame.r_mod), (wide, float(psf.radius))):
+        if sel.any():
+            lay = _Layout(_Stamps(radius, shape), xf[sel], yf[sel], psf, frame.r_fit, radius,
+                          None)
+            fixed_model += lay.model_image(flux[sel], shape)
+    local = replace(frame, resid=frame.resid - fixed_model)
+    idx = np.flatnonzero(fitted)
+    m = len(found)
+    t_loc, _ = _fit_once(local, np.concatenate([xf[idx], found[:, 0]]),
+                         np.concatenate([yf[idx], found[:, 1]]),
+                         np.concatenate([fixed[idx], np.zeros(m, bool)]), n_recentre,
+                         recentre_snr, max_shift, release_snr,
+                         start=(np.concatenate([x[idx], found[:, 0]]),
+                                np.concatenate([y[idx], found[:, 1]])))
+    out = t.copy(copy_data=True)
+    rows = np.searchsorted(idx, update)  # rows of t_loc of the spots to update
+    for name in t.colnames:
+        out[name][update] = t_loc[name][rows]
+    return vstack([out, t_loc[len(idx):]], metadata_conflicts="silent")
 
 
 def _residual_sources(frame: _Frame, model: np.ndarray, t: Table, chi2_min: float,
@@ -462,6 +459,65 @@ class _Stamps:
         return np.count_nonzero(dx * dx + dy * dy <= r * r, axis=1)
 
 
+class _Layout:
+    """Every spot's stamp pixels (``pix``, ``dx``, ``dy``, ``col`` = spot, ``d2``, PSF
+    value ``P``) and the fitted pixels: ``fit_pix`` (flat indices of the usable pixels
+    within ``r_fit`` of a spot), ``m`` (stamp entries on a fitted pixel within
+    ``r_mod``) and ``row`` (their row in the design matrix)."""
+
+    def __init__(self, stamp, x, y, psf, r_fit, r_mod, unusable):
+        ny, nx = stamp.shape
+        self.pix, self.dx, self.dy, self.col = stamp.entries(x, y)
+        self.d2 = self.dx * self.dx + self.dy * self.dy
+        self.psf, self.r_mod = psf, r_mod
+        self._P = None
+        if unusable is None:  # model only
+            return
+        is_fit = np.zeros(ny * nx, bool)
+        is_fit[self.pix[(self.d2 <= r_fit * r_fit) & ~unusable[self.pix]]] = True
+        self.fit_pix = np.flatnonzero(is_fit)
+        row_of = np.full(ny * nx, -1, np.int32)
+        row_of[self.fit_pix] = np.arange(self.fit_pix.size, dtype=np.int32)
+        rows = row_of[self.pix]
+        self.m = (rows >= 0) & (self.d2 <= r_mod * r_mod)
+        self.row = rows[self.m]
+        self.P_m = psf.evaluate(self.dx[self.m], self.dy[self.m])
+
+    @property
+    def P(self):
+        """PSF value of every stamp entry (evaluated when first needed)."""
+        if self._P is None:
+            self._P = self.psf.evaluate(self.dx, self.dy)
+        return self._P
+
+    def design(self, n):
+        """Sparse ``(n_pix, n)`` design matrix of the fluxes."""
+        return sparse.csc_matrix((self.P_m, (self.row, self.col[self.m])),
+                                 shape=(self.fit_pix.size, n))
+
+    def design_with_positions(self, n, move, flux, psf):
+        """``(n_pix, 3n)``: fluxes, then x and y corrections of the spots that move."""
+        col = self.col[self.m]
+        mv = move[col]
+        gx, gy = psf.gradient(self.dx[self.m][mv], self.dy[self.m][mv])
+        f_c = flux[col[mv]]
+        rows = np.concatenate([self.row, self.row[mv], self.row[mv]])
+        cols = np.concatenate([col, n + col[mv], 2 * n + col[mv]])
+        vals = np.concatenate([self.P_m, -f_c * gx, -f_c * gy])
+        return sparse.csc_matrix((vals, (rows, cols)), shape=(self.fit_pix.size, 3 * n))
+
+    def model_image(self, flux, shape):
+        """Image (adu) of the spots with these fluxes, each out to ``r_mod``."""
+        keep = self.d2 <= self.r_mod * self.r_mod
+        return np.bincount(self.pix[keep], weights=flux[self.col[keep]] * self.P[keep],
+                           minlength=shape[0] * shape[1]).reshape(shape)
+
+
+def _snr(A, flux, var):
+    """Flux S/N of each column of a flux design matrix with pixel variances ``var``."""
+    return flux * np.sqrt(np.maximum(_diag_info(A, 1.0 / var), 0.0))
+
+
 def _sample(arr, x, y):
     ny, nx = arr.shape
     xi = np.clip(np.rint(x).astype(np.int64), 0, nx - 1)
@@ -469,15 +525,10 @@ def _sample(arr, x, y):
     return np.asarray(arr)[yi, xi].astype(float)
 
 
-def _model_image(stamp: _Stamps, x, y, flux, psf: PSFModel, shape, r_mod):
-    pix, dx, dy, col = stamp.entries(x, y)
-    keep = dx * dx + dy * dy <= r_mod * r_mod
-    vals = flux[col[keep]] * psf.evaluate(dx[keep], dy[keep])
-    return np.bincount(pix[keep], weights=vals, minlength=shape[0] * shape[1]).reshape(shape)
-
-
-def _local_sky(star_free, unusable, x, y, r_in, r_out, bkg, gain, ron2):
-    """Clipped median of the model-subtracted frame in an annulus around each spot."""
+def _local_sky(star_free, model, unusable, x, y, r_in, r_out, bkg, gain, ron2):
+    """Clipped median of the model-subtracted frame in an annulus around each spot, and
+    its error from the mean pixel variance of the annulus (sky and the modelled light of
+    the spots in it: a crowded annulus is noisier)."""
     h = int(math.ceil(r_out)) + 1
     off = np.arange(-h, h + 1)
     gy, gx = np.meshgrid(off, off, indexing="ij")
@@ -486,13 +537,15 @@ def _local_sky(star_free, unusable, x, y, r_in, r_out, bkg, gain, ron2):
     adx, ady = gx.ravel()[ring], gy.ravel()[ring]
     xc, yc = np.rint(x), np.rint(y)
     code = np.where(unusable, np.int8(1), np.int8(0))
-    v, c = _gather([star_free.astype(np.float32), code], star_free.shape, xc, yc, adx, ady, h,
-                   [np.float32(np.nan), np.int8(1)])
-    v = np.where(c == 0, v, np.inf)
+    pix_var = (np.maximum(bkg + model, 0.0) / gain + ron2).astype(np.float32)
+    v, c, pv = _gather([star_free.astype(np.float32), code, pix_var], star_free.shape, xc, yc,
+                       adx, ady, h, [np.float32(np.nan), np.int8(1), np.float32(0.0)])
+    usable = c == 0
+    v = np.where(usable, v, np.inf)
     level, used = clipped_sky(v)
-    pix_var = np.maximum(_sample(bkg, x, y), 0.0) / gain + ron2
     with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.sqrt(0.5 * np.pi * pix_var / used)
+        mean_var = (pv * usable).sum(axis=1) / usable.sum(axis=1)
+        err = np.sqrt(0.5 * np.pi * mean_var / used)
     return level, np.where(used > 0, err, np.nan)
 
 

@@ -50,6 +50,10 @@ class PhotometryConfig:
         A PSF spot has no other spot within this many FWHM.
     psf_max_stars : int
         Most spots the PSF is fitted to.
+    masked_limit : float
+        ``masked`` is flagged where more than this share of a spot's PSF light within
+        the fit radius falls on masked, non-finite or off-image pixels (PSF method; the
+        fit uses the other pixels).
     blend_limit : float
         ``blended`` is flagged where other spots' light in a spot's PSF-weighted pixels
         exceeds this times its own.
@@ -71,6 +75,7 @@ class PhotometryConfig:
     psf_min_snr: float = 30.0
     psf_isolation: float = 4.0
     psf_max_stars: int = 40
+    masked_limit: float = 0.1
     blend_limit: float = 2.0
     chi2_limit: float = 3.0
     artifact_light_threshold: float = 0.9
@@ -87,6 +92,8 @@ class PhotometryConfig:
                 raise ValueError(f"{name} must be positive, got {value!r}")
         if int(self.psf_max_stars) != self.psf_max_stars or self.psf_max_stars < 1:
             raise ValueError(f"psf_max_stars must be a positive integer, got {self.psf_max_stars!r}")
+        if not 0 <= self.masked_limit < 1:
+            raise ValueError(f"masked_limit must be in [0, 1), got {self.masked_limit!r}")
         if not 0 < self.artifact_light_threshold <= 1:
             raise ValueError("artifact_light_threshold must be in (0, 1], got "
                              f"{self.artifact_light_threshold!r}")

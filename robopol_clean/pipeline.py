@@ -231,8 +231,10 @@ def reduce_frame(
                                               "frame's smooth fit, in standard deviations")
 
     with _timed(timings, "stokes"):
-        groups = _flag_groups(groups, spots, artifact_mask, radius, profile, clf, threshold,
-                              config)
+        # the pixels a spot's flux comes from: the PSF fit region, or the aperture
+        measured_radius = psf_meta.get("fit_radius", radius)
+        groups = _flag_groups(groups, spots, artifact_mask, measured_radius, profile, clf,
+                              threshold, config)
         measured = groups[np.asarray(groups["complete"], bool) & ~groups["has_rejected"]]
         stokes = stokes_table(measured, spots, profile, exclude_flagged=False, keep_invalid=True)
         flags = np.asarray(measured["flags"], np.int64)
@@ -498,7 +500,8 @@ def _flag_groups(groups: Table, spots: Table, artifact_mask: np.ndarray, radius:
                  profile: InstrumentProfile, clf: SpotClassifier, threshold: float,
                  config: PhotometryConfig) -> Table:
     """Add ``has_rejected`` (a rejected spot: no Stokes row) and ``flags`` (the OR of the
-    spots' quality bits, :class:`~robopol_clean.quality.QualityFlag`)."""
+    spots' quality bits, :class:`~robopol_clean.quality.QualityFlag`); an artifact
+    footprint within ``radius`` (pix) of a spot is artifact light on it."""
     groups = groups.copy(copy_data=True)
     n = len(groups)
     if not n:
@@ -510,7 +513,8 @@ def _flag_groups(groups: Table, spots: Table, artifact_mask: np.ndarray, radius:
     safe = np.where(present, ids, 0)
     learned = [c for c in ("p_cnn", "p_morph") if c in spots.colnames]
     per_spot = spot_flags(spots, photometry=config.method, blend_limit=config.blend_limit,
-                          chi2_limit=config.chi2_limit, cnn_threshold=None)
+                          chi2_limit=config.chi2_limit, cnn_threshold=None,
+                          masked_limit=config.masked_limit)
     if learned:
         kept = ~np.asarray(spots["rejected"], bool)
         with np.errstate(invalid="ignore"):

@@ -29,7 +29,8 @@ class QualityFlag(enum.IntFlag):
     #: ``blend_limit`` times its own (PSF photometry), or the neighbours' estimated light
     #: in the aperture exceeds the contamination limit (aperture photometry).
     BLENDED = 1
-    #: Pixels of the spot's fit region (or aperture) are masked, non-finite or off the image.
+    #: More than ``masked_limit`` of the spot's PSF light in its fit region falls on masked,
+    #: non-finite or off-image pixels (aperture photometry: any aperture pixel).
     MASKED = 2
     #: Saturated or clipped pixels near the spot (left out of a PSF fit).
     SATURATED = 4
@@ -40,7 +41,7 @@ class QualityFlag(enum.IntFlag):
     #: A spot's artifact score lies in the uncertain band.
     UNCERTAIN = 32
     #: Artifact light on a kept spot: the network scores it as an artifact although its
-    #: partners confirm a star, or a masked artifact touches its aperture.
+    #: partners confirm a star, or a masked artifact touches its fit region (aperture).
     ARTIFACT_LIGHT = 64
     #: The pair-sum ratio (F45 + F135) / (F0 + F90) deviates from the frame's smooth fit.
     PAIR_RATIO = 128
@@ -50,7 +51,7 @@ class QualityFlag(enum.IntFlag):
 
 FLAG_DESCRIPTIONS = {
     QualityFlag.BLENDED: "blended: neighbouring spots' light dominates a spot's pixels",
-    QualityFlag.MASKED: "a spot lost pixels to the mask, non-finite pixels or the image edge",
+    QualityFlag.MASKED: "a spot lost light to the mask, non-finite pixels or the image edge",
     QualityFlag.SATURATED: "saturated or clipped pixels near a spot",
     QualityFlag.POOR_FIT: "poor PSF fit (reduced chi-square above the limit)",
     QualityFlag.FORCED: "a spot was not detected and was measured at its predicted position",
@@ -73,7 +74,7 @@ def flags_column_description() -> str:
 
 
 def spot_flags(spots, *, photometry: str, blend_limit: float, chi2_limit: float,
-               cnn_threshold: float | None) -> np.ndarray:
+               cnn_threshold: float | None, masked_limit: float = 0.0) -> np.ndarray:
     """Per-spot bits from the photometry and classification columns of a spots table."""
     n = len(spots)
     flags = np.zeros(n, np.int64)
@@ -84,7 +85,8 @@ def spot_flags(spots, *, photometry: str, blend_limit: float, chi2_limit: float,
     with np.errstate(invalid="ignore"):
         if photometry == "psf":
             flags |= np.where(col("blend", 0.0).astype(float) > blend_limit, QualityFlag.BLENDED, 0)
-            flags |= np.where(col("n_bad", 0).astype(float) > 0, QualityFlag.MASKED, 0)
+            flags |= np.where(col("masked_fraction", 0.0).astype(float) > masked_limit,
+                              QualityFlag.MASKED, 0)
             flags |= np.where(col("n_saturated", 0).astype(float) > 0, QualityFlag.SATURATED, 0)
             flags |= np.where(col("chi2", 0.0).astype(float) > chi2_limit, QualityFlag.POOR_FIT, 0)
         else:

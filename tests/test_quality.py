@@ -20,7 +20,7 @@ from robopol_clean.quality import (
     spot_flags,
 )
 
-LIMITS = dict(blend_limit=2.0, chi2_limit=3.0)
+LIMITS = dict(blend_limit=2.0, chi2_limit=3.0, masked_limit=0.1)
 
 # -- the bitmask ---------------------------------------------------------------------------
 
@@ -56,7 +56,8 @@ def psf_spots():
     rows = [  # name, overrides
         ("clean", {}),
         ("blended", {"blend": 2.5}),
-        ("masked", {"n_bad": 3}),
+        ("masked", {"masked_fraction": 0.3}),
+        ("clean", {"n_bad": 3, "masked_fraction": 0.05}),  # a few wing pixels: still clean
         ("saturated", {"n_saturated": 2}),
         ("saturated", {"saturated": True}),  # the detection's own flag
         ("poor_fit", {"chi2": 4.0}),
@@ -66,7 +67,8 @@ def psf_spots():
         ("bad_flux", {"flux": np.nan}),
         ("bad_flux", {"flux_err": np.inf}),
     ]
-    base = dict(flux=1e4, flux_err=100.0, blend=0.1, n_bad=0, n_saturated=0, chi2=1.1,
+    base = dict(flux=1e4, flux_err=100.0, blend=0.1, n_bad=0, masked_fraction=0.0,
+                n_saturated=0, chi2=1.1,
                 saturated=False, forced=False, uncertain=False, rejected=False, p_cnn=0.1)
     t = Table(rows=[{**base, **over} for _, over in rows])
     return t, [name for name, _ in rows]
@@ -250,9 +252,9 @@ def test_tables_and_flags_are_consistent(base):
         np.asarray(g["complete"], bool) & ~np.asarray(g["has_rejected"], bool)
         & (np.asarray(g["flags"]) == 0))
     # a row's bits are the OR of its spots' bits (plus the group-level ones)
-    per_spot = spot_flags(s, photometry="psf", cnn_threshold=None,
-                          blend_limit=PhotometryConfig().blend_limit,
-                          chi2_limit=PhotometryConfig().chi2_limit)
+    cfg = PhotometryConfig()
+    per_spot = spot_flags(s, photometry="psf", cnn_threshold=None, blend_limit=cfg.blend_limit,
+                          chi2_limit=cfg.chi2_limit, masked_limit=cfg.masked_limit)
     group_level = int(QualityFlag.PAIR_RATIO | QualityFlag.ARTIFACT_LIGHT | QualityFlag.BAD_FLUX)
     for gid, f in zip(st["group_id"], st["flags"]):
         ored = int(np.bitwise_or.reduce(per_spot[np.asarray(s["group_id"]) == gid]))
@@ -357,13 +359,22 @@ def test_masked_spot_is_flagged(small_sim, profile, morphology, base):
     gid = isolated_clean_groups(base, ccd.shape)[0]
     spot = base.spots[(base.spots["group_id"] == gid)][1]
     xi, yi = int(round(spot["x"])), int(round(spot["y"]))
-    ccd.mask = np.zeros(ccd.shape, bool)
-    ccd.mask[yi + 2:yi + 4, xi - 1:xi + 2] = True  # a bad column segment on the wing
-    res = reduce_frame(ccd, profile=profile, classifier=morphology)
-    assert gid in res.stokes["group_id"]
-    s = res.spots[res.spots["group_id"] == gid]
-    hit = s[np.hypot(s["x"] - spot["x"], s["y"] - spot["y"]) < 2]
-    assert len(hit) == 1 and hit["n_bad"][0] > 0
+
+    def reduce_with(rows, cols):
+        ccd.mask = np.zeros(ccd.shape, bool)
+        ccd.mask[rows, cols] = True
+        res = reduce_frame(ccd, profile=profile, classifier=morphology)
+        assert gid in res.stokes["group_id"]
+        s = res.spots[res.spots["group_id"] == gid]
+        return res, s[np.hypot(s["x"] - spot["x"], s["y"] - spot["y"]) < 2]
+
+    # a bad column segment on the far wing: pixels lost, little light, not flagged
+    res, hit = reduce_with(slice(yi + 4, yi + 6), slice(xi - 1, xi + 2))
+    assert len(hit) == 1 and hit["n_bad"][0] > 0 and hit["masked_fraction"][0] < 0.1
+    assert not row_flags(res, gid) & QualityFlag.MASKED
+    # a masked core: most of the light lost, flagged
+    res, hit = reduce_with(slice(yi - 1, yi + 2), slice(xi - 1, xi + 2))
+    assert len(hit) == 1 and hit["masked_fraction"][0] > 0.1
     assert row_flags(res, gid) & QualityFlag.MASKED
     assert not row_flags(base, gid) & QualityFlag.MASKED
 

@@ -303,6 +303,11 @@ def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, r
     cw, pw = lay.col[within], lay.pix[within]
     n_bad = (stamp.disk_counts(x, y, r_fit) - np.bincount(cw, minlength=n)
              + np.bincount(cw, weights=bad.ravel()[pw], minlength=n))
+    # the share of the spot's light (within the fit radius) on masked or off-image pixels
+    good_light = np.bincount(cw, weights=lay.P[within] * ~bad.ravel()[pw], minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        masked_fraction = np.clip(1.0 - good_light / stamp.disk_psf_sums(x, y, r_fit, psf),
+                                  0.0, 1.0)
     n_sat = np.bincount(cw, weights=sat.ravel()[pw], minlength=n)
 
     t = Table()
@@ -322,6 +327,8 @@ def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, r
         ("n_fit", n_fit.astype(int), None, "pixels fitted within the fit radius"),
         ("n_bad", np.asarray(n_bad, int), None,
          "pixels within the fit radius masked, non-finite or off the image"),
+        ("masked_fraction", np.where(ok, masked_fraction, np.nan), None,
+         "share of the spot's PSF light within the fit radius on masked or off-image pixels"),
         ("n_saturated", np.asarray(n_sat, int), None,
          "saturated pixels within the fit radius (left out of the fit)"),
         ("blend", np.where(valid, blend, np.nan), None,
@@ -451,6 +458,12 @@ class _Stamps:
         spot = np.broadcast_to(np.arange(x.size)[:, None], px.shape)[on]
         px, py = px[on], py[on]
         return py * nx + px, px - x[spot], py - y[spot], spot
+
+    def disk_psf_sums(self, x, y, r, psf):
+        """Sum of the PSF over the pixel centres within ``r`` of each position."""
+        dx = np.rint(x)[:, None] + self.dx[None, :] - x[:, None]
+        dy = np.rint(y)[:, None] + self.dy[None, :] - y[:, None]
+        return np.where(dx * dx + dy * dy <= r * r, psf.evaluate(dx, dy), 0.0).sum(axis=1)
 
     def disk_counts(self, x, y, r):
         """Pixel centres within ``r`` of each position, on the image or not."""

@@ -27,6 +27,7 @@ from .instrument import InstrumentProfile, load_profile
 from .io import detector_origin, frame_from_ccd
 from .masking import apertures_touch_mask, combine_masks, footprint_mask
 from .photometry import PSFFallbackWarning, aperture_radius_for, fit_psf, fit_spots, measure_spots
+from .photometry.psf import MIN_PSF_STARS
 from .quality import QualityFlag, flags_column_description, spot_flags
 from .stokes import pair_ratio_check, stokes_table
 
@@ -412,20 +413,22 @@ def _psf_photometry(data, background, bad, spots, groups, geometry, profile, fwh
 
 
 def _psf_stars(spots: Table, fwhm: float, config: PhotometryConfig) -> np.ndarray:
-    """Isolated, bright, unsaturated, star-like spots to fit the PSF to."""
+    """Isolated, bright, unsaturated, star-like spots to fit the PSF to; saturated ones
+    too (their clipped pixels are left out of the fit) when there are too few others, as
+    on a frame whose bright stars are all clipped."""
     n = len(spots)
     if n == 0:
         return np.zeros(0, bool)
     nearest = _nearest_distance(np.asarray(spots["x"], float), np.asarray(spots["y"], float))
     ok = (np.isfinite(nearest) & (nearest > config.psf_isolation * fwhm)
           & (np.asarray(spots["snr"], float) >= config.psf_min_snr)
-          & ~np.asarray(spots["saturated"], bool)
           & ~np.asarray(spots["rejected"], bool) & ~np.asarray(spots["uncertain"], bool)
           & ~np.asarray(spots["forced"], bool)
           & (np.asarray(spots["elongation"], float) < 1.5))
     if "transmission" in spots.colnames:
         ok &= np.asarray(spots["transmission"], float) > 0.9
-    return ok
+    unsaturated = ok & ~np.asarray(spots["saturated"], bool)
+    return unsaturated if unsaturated.sum() >= MIN_PSF_STARS else ok
 
 
 def _nearest_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:

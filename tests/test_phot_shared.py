@@ -46,3 +46,27 @@ def test_photometry_on_real_frame(quads):
     assert np.all(t["flux"] > 3 * t["flux_err"])
     sat = np.asarray(t["saturated"]).reshape(len(CHANNELS), len(quads)).any(axis=0)
     assert np.all(sat[np.asarray(quads["peak_sat"], bool)])  # clipped patterns are flagged
+
+
+def test_psf_photometry_on_real_frame(quads):
+    """The clipped 8-bit frame: the PSF is fitted from clipped stars' wings (FWHM in the
+    measured RoboPol range), every labelled pattern gets a Stokes row, and the clipped
+    ones carry the saturated bit."""
+    from robopol_clean.instrument import load_profile
+    from robopol_clean.io import read_frame
+    from robopol_clean.pipeline import reduce_frame
+    from robopol_clean.quality import QualityFlag
+
+    prof = load_profile("robopol")
+    with pytest.warns(Warning, match="EXPTIME"):  # an 8-bit rendering has no EXPTIME
+        ccd = read_frame(DATA / "J1428.fits", prof)
+    res = reduce_frame(ccd, profile=prof, classifier="morphology")
+    assert res.meta["psf_source"] == "fitted" and 3.8 <= res.meta["psf_fwhm"] <= 5.1
+    st = res.stokes
+    d = np.hypot(np.asarray(st["x"])[None, :] - np.asarray(quads["x"])[:, None],
+                 np.asarray(st["y"])[None, :] - np.asarray(quads["y"])[:, None])
+    row = d.argmin(axis=1)
+    assert np.all(d[np.arange(len(quads)), row] < 3)
+    flags = np.asarray(st["flags"])[row]
+    clipped = np.asarray(quads["peak_sat"], bool)
+    assert np.all(flags[clipped] & QualityFlag.SATURATED)

@@ -224,7 +224,7 @@ def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, r
     # pass 1: data-based weights
     var = (b_pix + np.maximum(r_obs, 0.0)) / gain + ron2
     A = lay.design(n)
-    flux, _ = _weighted_solve(A, r_obs, 1.0 / var, coupling)
+    flux, _ = _weighted_solve(A, r_obs, _inverse(var), coupling)
     if release_snr is not None:
         with np.errstate(invalid="ignore"):
             fixed = fixed & ~(_snr(A, flux, var) >= release_snr)
@@ -238,7 +238,7 @@ def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, r
         move = movable()
         var = (b_pix + np.maximum(A @ np.nan_to_num(flux), 0.0)) / gain + ron2
         sol, _ = _weighted_solve(lay.design_with_positions(n, move, flux, psf), r_obs,
-                                 1.0 / var, coupling)
+                                 _inverse(var), coupling)
         step_x = np.clip(np.nan_to_num(sol[n:2 * n]), -0.5, 0.5)
         step_y = np.clip(np.nan_to_num(sol[2 * n:]), -0.5, 0.5)
         flux = np.where(np.isfinite(sol[:n]), sol[:n], flux)
@@ -275,7 +275,7 @@ def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, r
     r_fin = r_obs - sky_pix
     var = (np.maximum(b_pix + sky_pix, 0.0) + np.maximum(A @ np.nan_to_num(flux), 0.0)) / gain \
         + ron2
-    w = 1.0 / var
+    w = _inverse(var)
     move = movable() if n_recentre > 0 else np.zeros(n, bool)
     rhs = np.column_stack([r_fin, np.ones_like(r_fin)])
     sol, diag = _weighted_solve(lay.design_with_positions(n, move, flux, psf), rhs, w, coupling,
@@ -404,7 +404,7 @@ def _residual_sources(frame: _Frame, model: np.ndarray, t: Table, chi2_min: floa
     ny, nx = frame.resid.shape
     usable = ~(frame.bad | frame.sat)
     var = (np.maximum(frame.bkg, 0.0) + np.maximum(model, 0.0)) / frame.gain + frame.ron2
-    w_img = np.where(usable, 1.0 / var, 0.0)
+    w_img = np.where(usable, _inverse(var), 0.0)
     r_img = (frame.resid - model) * w_img
     xc, yc = np.rint(x[cand]).astype(int), np.rint(y[cand]).astype(int)
     rr, ww = _gather([r_img, w_img], (ny, nx), xc, yc, gx.ravel(), gy.ravel(), h, [0.0, 0.0])
@@ -526,9 +526,16 @@ class _Layout:
                            minlength=shape[0] * shape[1]).reshape(shape)
 
 
+def _inverse(var):
+    """Weights 1 / variance; a pixel with no noise (zero variance: a zero pixel of a frame
+    without read noise) carries no information the model can use and gets weight 0."""
+    with np.errstate(divide="ignore"):
+        return np.where(var > 0, 1.0 / var, 0.0)
+
+
 def _snr(A, flux, var):
     """Flux S/N of each column of a flux design matrix with pixel variances ``var``."""
-    return flux * np.sqrt(np.maximum(_diag_info(A, 1.0 / var), 0.0))
+    return flux * np.sqrt(np.maximum(_diag_info(A, _inverse(var)), 0.0))
 
 
 def _sample(arr, x, y):

@@ -151,7 +151,7 @@ def labelled_set(ctx: Context, which: str, *, keep_cutouts: bool = False) -> Lab
 
     CNN scores are included when the shipped model exists.
     """
-    from robopol_clean.pipeline import reduce_frame
+    from robopol_clean.pipeline import added_by_photometry, reduce_frame
 
     key = ("labelled", which)
     cached = ctx.cache.get(key)
@@ -169,7 +169,7 @@ def labelled_set(ctx: Context, which: str, *, keep_cutouts: bool = False) -> Lab
         sim = _frame(seed)
         shape = sim.ccd.shape
         res = reduce_frame(sim.ccd, classifier=scorer, name=f"seed{seed}")
-        sp = res.spots
+        sp = res.spots[~added_by_photometry(res.spots)]  # the detections the classifier scored
         labels, kinds = match_spots_to_truth(sp["x"], sp["y"], sim)
         keep = labels >= 0
         fw = float(res.meta["fwhm"])

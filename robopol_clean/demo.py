@@ -39,11 +39,9 @@ def compare_with_truth(result, sim, *, match_radius: float = 3.0) -> dict:
         standard deviations of those rows.
     """
     spots, stokes, mask = result.spots, result.stokes, result.artifact_mask
-    added = np.zeros(len(spots), bool)  # spots the photometry added: not detections
-    for col in ("forced", "recovered", "residual"):
-        if col in spots.colnames:
-            added |= np.asarray(spots[col], bool)
-    spots = spots[~added]
+    from .pipeline import added_by_photometry
+
+    spots = spots[~added_by_photometry(spots)]  # detections only
     stokes = stokes[np.asarray(stokes["flags"]) == 0]
     out: dict = {}
     arts = sim.artifacts

@@ -31,7 +31,7 @@ from .photometry.psf import MIN_PSF_STARS
 from .quality import QualityFlag, flags_column_description, spot_flags
 from .stokes import pair_ratio_check, stokes_table
 
-__all__ = ["FrameResult", "reduce_frame", "clean_artifacts", "get_classifier",
+__all__ = ["FrameResult", "reduce_frame", "clean_artifacts", "get_classifier", "added_by_photometry",
            "DEFAULT_THRESHOLD", "DEFAULT_UNCERTAIN_BAND"]
 
 log = logging.getLogger(__name__)
@@ -265,8 +265,8 @@ def reduce_frame(
         "aperture_radius": float(radius),
         "geometry_shift": groups.meta.get("shift"),
         "geometry_rms": groups.meta.get("rms"),
-        "n_spots": int(np.count_nonzero(~_predicted(spots))),
-        "n_predicted": int(np.count_nonzero(_predicted(spots))),
+        "n_spots": int(np.count_nonzero(~added_by_photometry(spots))),
+        "n_predicted": int(np.count_nonzero(added_by_photometry(spots))),
         "n_rejected": int(np.count_nonzero(spots["rejected"])),
         "n_uncertain": int(np.count_nonzero(spots["uncertain"])),
         "n_quadruplets": int(np.count_nonzero(groups["complete"])) if len(groups) else 0,
@@ -327,8 +327,13 @@ def clean_artifacts(ccd: CCDData, *, profile: str | InstrumentProfile = "robopol
     return out
 
 
-def _predicted(spots: Table) -> np.ndarray:
-    """Spots the detection did not give (``forced``, ``recovered`` or ``residual``)."""
+def added_by_photometry(spots: Table) -> np.ndarray:
+    """True for the rows of a spots table that the photometry added (``forced``,
+    ``recovered`` or ``residual``), False for detected spots.
+
+    Those rows have no classifier scores; select ``~added_by_photometry(spots)`` for the
+    detections alone.
+    """
     out = np.zeros(len(spots), bool)
     for col in ("forced", "recovered", "residual"):
         if col in spots.colnames:

@@ -3,7 +3,7 @@
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from robopol_clean.pipeline import get_classifier, reduce_frame
+from robopol_clean.pipeline import added_by_photometry, get_classifier, reduce_frame
 from robopol_clean.simulate import simulate_frame
 from robopol_clean.training import _truth_with_extent, match_detections
 
@@ -19,7 +19,7 @@ def test_shipped_model_auc_on_fresh_frames():
         result = reduce_frame(sim.ccd, classifier=clf)
         lab, _, _ = match_detections(result.spots, _truth_with_extent(sim))
         s = result.spots
-        ok = (lab >= 0) & ~np.asarray(s["forced"] | s["recovered"] | s["residual"])
+        ok = (lab >= 0) & ~added_by_photometry(s)
         labels.append(lab[ok])
         p_default.append(np.asarray(result.spots["p_artifact"])[ok])
         p_cnn.append(np.asarray(result.spots["p_cnn"])[ok])

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     from robopol_clean.instrument import load_profile
     from robopol_clean.io import read_frame
-    from robopol_clean.pipeline import reduce_frame
+    from robopol_clean.pipeline import added_by_photometry, reduce_frame
     from robopol_clean.plots import plot_frame_diagnostic
 
     profile = load_profile("robopol")
@@ -47,13 +47,14 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")  # the rendering has no EXPTIME; expected
         ccd = read_frame(shared / "J1428.fits", profile)
     result = reduce_frame(ccd, profile=profile, classifier=args.classifier, name="J1428.fits")
-    spots, mask = result.spots, result.artifact_mask
+    spots, mask = result.spots[~added_by_photometry(result.spots)], result.artifact_mask
     artifacts = Table.read(shared / "J1428_artifacts.ecsv")
     quads = Table.read(shared / "J1428_quads.ecsv")
 
     masked = mask[np.round(artifacts["y"]).astype(int), np.round(artifacts["x"]).astype(int)]
     print(f"J1428 ({args.classifier}): {len(spots)} spots, {int(spots['rejected'].sum())} rejected, "
-          f"{int(spots['uncertain'].sum())} uncertain, {len(result.stokes)} clean quadruplets")
+          f"{int(spots['uncertain'].sum())} uncertain, {len(result.stokes)} quadruplets with q, u "
+          f"({result.meta['n_clean']} with flags == 0)")
     for kind in ("streak", "cosmic_ray"):
         for conf in ("high", "low"):
             sel = (artifacts["kind"] == kind) & (artifacts["confidence"] == conf)
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     gd, _ = cKDTree(np.column_stack([groups["x"], groups["y"]])).query(
         np.column_stack([quads["x"], quads["y"]]))
     print(f"  labelled quadruplets found as complete groups: {int((gd < 3).sum())} of {len(quads)} "
-          f"({int(quads['peak_sat'].sum())} have clipped spots and get no Stokes row)")
+          f"({int(quads['peak_sat'].sum())} have clipped spots: their rows are flagged saturated)")
 
     fig, ax = plt.subplots(figsize=(9, 9), dpi=100)
     plot_frame_diagnostic(result, ax=ax, title=f"J1428 (real, 8-bit rendering): "

@@ -306,3 +306,16 @@ def test_solver_dead_parameters_are_nan():
     sub = N.toarray()[np.ix_(live, live)]
     np.testing.assert_allclose(x[live], np.linalg.solve(sub, b[live]), rtol=1e-9)
     np.testing.assert_allclose(diag[live], np.diag(np.linalg.inv(sub)), rtol=1e-9)
+
+
+def test_solve_normal_equations_splits_a_huge_coupled_group():
+    """A chain of strongly coupled parameters longer than MAX_BLOCK (an extremely crowded
+    field) is not solved as one dense block, and the iteration still converges."""
+    from robopol_clean.photometry.fit import MAX_BLOCK
+
+    n = 4 * MAX_BLOCK
+    N = sparse.diags([np.full(n - 1, -0.3), np.full(n, 2.0), np.full(n - 1, -0.3)], [-1, 0, 1])
+    b = np.random.default_rng(0).normal(size=n)
+    x, diag = solve_normal_equations(N.tocsr(), b, want_diag=True)
+    np.testing.assert_allclose(N @ x, b, atol=1e-8)
+    assert np.all(diag > 0)

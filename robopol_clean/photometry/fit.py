@@ -58,6 +58,9 @@ from .psf import PSFModel
 
 __all__ = ["fit_spots", "solve_normal_equations"]
 
+#: Largest group of parameters solved as one dense block (couplings are iterated beyond).
+MAX_BLOCK = 512
+
 
 def fit_spots(
     data: np.ndarray,
@@ -168,8 +171,8 @@ def fit_spots(
         with np.errstate(invalid="ignore"):
             sat = data >= saturation
     resid = np.where(bad | sat, 0.0, data - bkg).astype(np.float64)
-    frame = _Frame(resid, bkg, bad, sat, gain, (read_noise / gain) ** 2, psf, r_fit, r_mod,
-                   (s_in, s_out), coupling)
+    frame = _Frame(resid, bkg, bad, sat, (bad | sat).astype(np.int8), gain,
+                   (read_noise / gain) ** 2, psf, r_fit, r_mod, (s_in, s_out), coupling)
     t, model = _fit_once(frame, x, y, fixed, n_recentre, recentre_snr, max_shift, release_snr)
     found = np.zeros((0, 2))
     if search_residuals and n:
@@ -193,6 +196,7 @@ class _Frame:
     bkg: np.ndarray
     bad: np.ndarray
     sat: np.ndarray
+    code: np.ndarray  # int8, 1 at unusable (bad or saturated) pixels
     gain: float
     ron2: float  # read-noise variance (adu^2)
     psf: PSFModel
@@ -261,8 +265,7 @@ def _fit_once(frame: _Frame, x, y, fixed, n_recentre, recentre_snr, max_shift, r
         wide = _Layout(_Stamps(psf.radius, (ny, nx)), x[bright], y[bright], psf, r_fit,
                        float(psf.radius), None)
         full += wide.model_image(flux[bright], (ny, nx))
-    sky_off, sky_err = _local_sky(resid - full, full, bad | sat, x, y, *frame.annulus, bkg, gain,
-                                  ron2)
+    sky_off, sky_err = _local_sky(resid, full, frame.code, x, y, *frame.annulus, bkg, gain, ron2)
     sky_off = np.where(ok, np.nan_to_num(sky_off), 0.0)
     # the sky at a fitted pixel: mean of the offsets of the spots whose fit region holds it
     row, col, near_fit = lay.row, lay.col[lay.m], lay.d2[lay.m] <= r_fit * r_fit
@@ -545,26 +548,23 @@ def _sample(arr, x, y):
     return np.asarray(arr)[yi, xi].astype(float)
 
 
-def _local_sky(star_free, model, unusable, x, y, r_in, r_out, bkg, gain, ron2):
-    """Clipped median of the model-subtracted frame in an annulus around each spot, and
+def _local_sky(resid, model, code, x, y, r_in, r_out, bkg, gain, ron2):
+    """Clipped median of the frame minus the model in an annulus around each spot, and
     its error from the mean pixel variance of the annulus (sky and the modelled light of
-    the spots in it: a crowded annulus is noisier)."""
+    the spots in it: a crowded annulus is noisier). ``code`` is 1 at unusable pixels."""
     h = int(math.ceil(r_out)) + 1
     off = np.arange(-h, h + 1)
     gy, gx = np.meshgrid(off, off, indexing="ij")
     d = np.hypot(gx, gy).ravel()
     ring = (d >= r_in) & (d < r_out)
     adx, ady = gx.ravel()[ring], gy.ravel()[ring]
-    xc, yc = np.rint(x), np.rint(y)
-    code = np.where(unusable, np.int8(1), np.int8(0))
-    pix_var = (np.maximum(bkg + model, 0.0) / gain + ron2).astype(np.float32)
-    v, c, pv = _gather([star_free.astype(np.float32), code, pix_var], star_free.shape, xc, yc,
-                       adx, ady, h, [np.float32(np.nan), np.int8(1), np.float32(0.0)])
+    r, m, b, c = _gather([resid, model, bkg, code], resid.shape, np.rint(x), np.rint(y), adx,
+                         ady, h, [np.nan, 0.0, 0.0, np.int8(1)])
     usable = c == 0
-    v = np.where(usable, v, np.inf)
-    level, used = clipped_sky(v)
+    level, used = clipped_sky(np.where(usable, r - m, np.inf).astype(np.float32))
+    pix_var = np.maximum(b + m, 0.0) / gain + ron2
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean_var = (pv * usable).sum(axis=1) / usable.sum(axis=1)
+        mean_var = (pix_var * usable).sum(axis=1) / usable.sum(axis=1)
         err = np.sqrt(0.5 * np.pi * mean_var / used)
     return level, np.where(used > 0, err, np.nan)
 
@@ -588,7 +588,9 @@ def solve_normal_equations(N, b, *, coupling: float = 1e-3, n_iter: int = 4,
     The parameters are split into the connected groups of the couplings
     ``|N_ij| / sqrt(N_ii N_jj) >= coupling``; each group is solved exactly (groups of
     similar size together, as one batched dense problem), and the weaker couplings
-    are carried by ``n_iter`` block-Jacobi passes.
+    are carried by ``n_iter`` block-Jacobi passes. Where a group would exceed
+    ``MAX_BLOCK`` parameters (an extremely crowded field) the threshold is raised until
+    none does, with more passes.
 
     Parameters
     ----------
@@ -621,11 +623,19 @@ def solve_normal_equations(N, b, *, coupling: float = 1e-3, n_iter: int = 4,
     coo = N.tocoo()
     dd = np.sqrt(np.where(live, d, 1.0))
     rho = np.abs(coo.data) / (dd[coo.row] * dd[coo.col])
-    strong = (rho >= coupling) | (coo.row == coo.col)
-    S = sparse.csr_matrix((coo.data[strong], (coo.row[strong], coo.col[strong])), shape=(n, n))
+    while True:
+        strong = (rho >= coupling) | (coo.row == coo.col)
+        S = sparse.csr_matrix((coo.data[strong], (coo.row[strong], coo.col[strong])),
+                              shape=(n, n))
+        # a very dense field must not make one huge dense block: iterate more of it
+        lab = connected_components(S, directed=False)[1]
+        if not n or np.bincount(lab).max() <= MAX_BLOCK or coupling >= 0.5:
+            break
+        coupling *= 4.0
+        n_iter += 4
     weak = sparse.csr_matrix((coo.data[~strong], (coo.row[~strong], coo.col[~strong])),
                              shape=(n, n))
-    blocks = _Blocks(S, live)
+    blocks = _Blocks(S, live, lab)
     X = blocks.solve(B)
     if weak.nnz:
         for _ in range(int(n_iter)):
@@ -641,9 +651,9 @@ class _Blocks:
     """Connected blocks of a sparse symmetric matrix, inverted in batches of equal
     padded size (1, 2, 4, 8, ...)."""
 
-    def __init__(self, S, live):
+    def __init__(self, S, live, lab):
         n = S.shape[0]
-        ncomp, lab = connected_components(S, directed=False)
+        ncomp = int(lab.max()) + 1 if n else 0
         size = np.bincount(lab, minlength=ncomp)
         order = np.argsort(lab, kind="stable")
         start = np.concatenate([[0], np.cumsum(size)[:-1]])

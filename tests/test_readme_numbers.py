@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "photometry.json"
+RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 
 
 @pytest.fixture

@@ -234,8 +234,7 @@ def reduce_frame(
     with _timed(timings, "stokes"):
         # the pixels a spot's flux comes from: the PSF fit region, or the aperture
         measured_radius = psf_meta.get("fit_radius", radius)
-        groups = _flag_groups(groups, spots, artifact_mask, measured_radius, profile, clf,
-                              threshold, config)
+        groups = _flag_groups(groups, spots, artifact_mask, measured_radius, profile, config)
         measured = groups[np.asarray(groups["complete"], bool) & ~groups["has_rejected"]]
         stokes = stokes_table(measured, spots, profile, exclude_flagged=False, keep_invalid=True)
         flags = np.asarray(measured["flags"], np.int64)
@@ -505,8 +504,7 @@ def _add_forced_spots(spots: Table, groups: Table, geometry, profile, shape):
 
 
 def _flag_groups(groups: Table, spots: Table, artifact_mask: np.ndarray, radius: float,
-                 profile: InstrumentProfile, clf: SpotClassifier, threshold: float,
-                 config: PhotometryConfig) -> Table:
+                 profile: InstrumentProfile, config: PhotometryConfig) -> Table:
     """Add ``has_rejected`` (a rejected spot: no Stokes row) and ``flags`` (the OR of the
     spots' quality bits, :class:`~robopol_clean.quality.QualityFlag`); an artifact
     footprint within ``radius`` (pix) of a spot is artifact light on it."""
@@ -519,15 +517,9 @@ def _flag_groups(groups: Table, spots: Table, artifact_mask: np.ndarray, radius:
     ids = np.stack([np.asarray(groups[f"spot_{ch}"]) for ch in profile.channels], axis=1)
     present = ids >= 0
     safe = np.where(present, ids, 0)
-    learned = [c for c in ("p_cnn", "p_morph") if c in spots.colnames]
     per_spot = spot_flags(spots, photometry=config.method, blend_limit=config.blend_limit,
-                          chi2_limit=config.chi2_limit, cnn_threshold=None,
-                          masked_limit=config.masked_limit)
-    if learned:
-        kept = ~np.asarray(spots["rejected"], bool)
-        with np.errstate(invalid="ignore"):
-            light = kept & (np.asarray(spots[learned[0]], float) >= config.artifact_light_threshold)
-        per_spot |= np.where(light, int(QualityFlag.ARTIFACT_LIGHT), 0)
+                          chi2_limit=config.chi2_limit, masked_limit=config.masked_limit,
+                          artifact_light_threshold=config.artifact_light_threshold)
     touched = apertures_touch_mask(artifact_mask, np.asarray(spots["x"], float),
                                    np.asarray(spots["y"], float), radius)
     per_spot |= np.where(touched, int(QualityFlag.ARTIFACT_LIGHT), 0)

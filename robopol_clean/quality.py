@@ -74,8 +74,13 @@ def flags_column_description() -> str:
 
 
 def spot_flags(spots, *, photometry: str, blend_limit: float, chi2_limit: float,
-               cnn_threshold: float | None, masked_limit: float = 0.0) -> np.ndarray:
-    """Per-spot bits from the photometry and classification columns of a spots table."""
+               artifact_light_threshold: float | None, masked_limit: float = 0.0) -> np.ndarray:
+    """Per-spot bits from the photometry and classification columns of a spots table.
+
+    ``artifact_light`` comes from the classifier's own score (``p_cnn``, else ``p_morph``)
+    of kept spots; ``None`` leaves it out. The group-level bits (``pair_ratio``, an
+    artifact footprint touching a spot) are the pipeline's.
+    """
     n = len(spots)
     flags = np.zeros(n, np.int64)
 
@@ -95,9 +100,11 @@ def spot_flags(spots, *, photometry: str, blend_limit: float, chi2_limit: float,
         flags |= np.where(col("saturated", False).astype(bool), QualityFlag.SATURATED, 0)
         flags |= np.where(col("forced", False).astype(bool), QualityFlag.FORCED, 0)
         flags |= np.where(col("uncertain", False).astype(bool), QualityFlag.UNCERTAIN, 0)
-        if cnn_threshold is not None and "p_cnn" in spots.colnames:
+        learned = [c for c in ("p_cnn", "p_morph") if c in spots.colnames]  # own score
+        if artifact_light_threshold is not None and learned:
             kept = ~col("rejected", False).astype(bool)
-            flags |= np.where(kept & (col("p_cnn", 0.0).astype(float) >= cnn_threshold),
+            flags |= np.where(kept & (col(learned[0], 0.0).astype(float)
+                                      >= artifact_light_threshold),
                               QualityFlag.ARTIFACT_LIGHT, 0)
         flux = col("flux", np.nan).astype(float)
         flags |= np.where(~np.isfinite(flux) | ~np.isfinite(col("flux_err", np.nan).astype(float)),

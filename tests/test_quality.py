@@ -94,7 +94,7 @@ def aperture_spots():
 @pytest.mark.parametrize("method", ["psf", "aperture"])
 def test_spot_flags_one_bit_per_row(method):
     spots, names = psf_spots() if method == "psf" else aperture_spots()
-    flags = spot_flags(spots, photometry=method, cnn_threshold=0.9, **LIMITS)
+    flags = spot_flags(spots, photometry=method, artifact_light_threshold=0.9, **LIMITS)
     assert flags.dtype.kind == "i" and flags.shape == (len(spots),)
     for value, name in zip(flags, names):
         expected = [] if name == "clean" else [name]
@@ -102,7 +102,7 @@ def test_spot_flags_one_bit_per_row(method):
     # the PSF-only bits are not set from PSF columns in aperture mode and vice versa
     if method == "aperture":
         psf, _ = psf_spots()
-        out = spot_flags(psf, photometry="aperture", cnn_threshold=None, **LIMITS)
+        out = spot_flags(psf, photometry="aperture", artifact_light_threshold=None, **LIMITS)
         assert not np.any(out & (QualityFlag.BLENDED | QualityFlag.MASKED | QualityFlag.POOR_FIT))
 
 
@@ -111,7 +111,7 @@ def test_spot_flags_every_per_spot_bit_covered():
     seen = 0
     for method, (spots, _) in (("psf", psf_spots()), ("aperture", aperture_spots())):
         seen |= int(np.bitwise_or.reduce(
-            spot_flags(spots, photometry=method, cnn_threshold=0.9, **LIMITS)))
+            spot_flags(spots, photometry=method, artifact_light_threshold=0.9, **LIMITS)))
     assert seen == sum(int(f) for f in QualityFlag) - int(QualityFlag.PAIR_RATIO)
 
 
@@ -120,22 +120,22 @@ def test_spot_flags_limits_and_missing_columns():
     # limits are strict: exactly at the limit is not flagged; NaN never is
     t = Table({"blend": [2.0, np.nan], "chi2": [3.0, np.nan], "flux": [1.0, 1.0],
                "flux_err": [1.0, 1.0]})
-    assert np.all(spot_flags(t, photometry="psf", cnn_threshold=None, **LIMITS) == 0)
+    assert np.all(spot_flags(t, photometry="psf", artifact_light_threshold=None, **LIMITS) == 0)
     # looser limits clear the blend and chi2 bits
     loose = spot_flags(spots, photometry="psf", blend_limit=10.0, chi2_limit=10.0,
-                       cnn_threshold=0.9)
+                       artifact_light_threshold=0.9)
     assert not np.any(loose & (QualityFlag.BLENDED | QualityFlag.POOR_FIT))
     # no cnn threshold, or a rejected spot: no artifact_light
-    assert not np.any(spot_flags(spots, photometry="psf", cnn_threshold=None, **LIMITS)
+    assert not np.any(spot_flags(spots, photometry="psf", artifact_light_threshold=None, **LIMITS)
                       & QualityFlag.ARTIFACT_LIGHT)
     spots["rejected"] = True
-    assert not np.any(spot_flags(spots, photometry="psf", cnn_threshold=0.9, **LIMITS)
+    assert not np.any(spot_flags(spots, photometry="psf", artifact_light_threshold=0.9, **LIMITS)
                       & QualityFlag.ARTIFACT_LIGHT)
     # a table without flux columns: every spot's flux is undefined
     bare = Table({"x": [1.0, 2.0]})
-    assert list(spot_flags(bare, photometry="psf", cnn_threshold=0.5, **LIMITS)) == [
+    assert list(spot_flags(bare, photometry="psf", artifact_light_threshold=0.5, **LIMITS)) == [
         int(QualityFlag.BAD_FLUX)] * 2
-    assert len(spot_flags(Table({"flux": np.zeros(0)}), photometry="psf", cnn_threshold=None,
+    assert len(spot_flags(Table({"flux": np.zeros(0)}), photometry="psf", artifact_light_threshold=None,
                           **LIMITS)) == 0
 
 
@@ -253,7 +253,7 @@ def test_tables_and_flags_are_consistent(base):
         & (np.asarray(g["flags"]) == 0))
     # a row's bits are the OR of its spots' bits (plus the group-level ones)
     cfg = PhotometryConfig()
-    per_spot = spot_flags(s, photometry="psf", cnn_threshold=None, blend_limit=cfg.blend_limit,
+    per_spot = spot_flags(s, photometry="psf", artifact_light_threshold=None, blend_limit=cfg.blend_limit,
                           chi2_limit=cfg.chi2_limit, masked_limit=cfg.masked_limit)
     group_level = int(QualityFlag.PAIR_RATIO | QualityFlag.ARTIFACT_LIGHT | QualityFlag.BAD_FLUX)
     for gid, f in zip(st["group_id"], st["flags"]):

@@ -173,7 +173,8 @@ def machine_description() -> dict[str, Any]:
 
     import robopol_clean
 
-    versions = {"robopol_clean": robopol_clean.__version__, "numpy": np.__version__,
+    versions = {"robopol_clean": robopol_clean.__version__,
+                "robopol_clean_commit": robopol_clean._version_info.__commit__, "numpy": np.__version__,
                 "astropy": astropy.__version__, "photutils": photutils.__version__,
                 "tensorflow": _dist_version("tensorflow-cpu", "tensorflow"),
                 "keras": _dist_version("keras"), "scikit-learn": _dist_version("scikit-learn")}

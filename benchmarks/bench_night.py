@@ -33,8 +33,9 @@ LocalCluster tree) and from the external workers' own ``getrusage``.
 Determinism: the three ``stokes_all.ecsv`` must have the same number of rows (and the
 same total spots); the benchmark also compares their contents.
 
-Prints a table and writes ``benchmarks/results/night.json`` and
-``docs/night_benchmark_table.rst`` (``--json`` / ``--rst`` elsewhere, ``''`` to skip),
+Prints a table; the full 100-frame night also writes ``benchmarks/results/night.json``
+and ``docs/night_benchmark_table.rst`` (other runs write only where ``--json`` /
+``--rst`` say, never over those committed files),
 each with the machine description, load averages and the exact command. Timings on
 the shared 2-core development machines are noisy: the load average before and after
 each run is recorded next to it.
@@ -76,6 +77,10 @@ from _common import (  # noqa: E402
 
 #: Master seed of the simulated night (frame seeds derived with SeedSequence.spawn).
 NIGHT_SEED = 50_000
+#: Frames of the full night (the issue's target) and its committed results.
+FULL_NIGHT = 100
+COMMITTED_JSON = (HERE / "results" / "night.json").resolve()
+COMMITTED_RST = (REPO / "docs" / "night_benchmark_table.rst").resolve()
 #: psutil sampling interval, seconds.
 SAMPLE_EVERY = 0.2
 MIB = 2**20
@@ -245,8 +250,9 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 def run_reduce(label: str, frames: list[str], outdir: Path, extra: list[str], *,
                watch: dict[str, int] | None = None, timeout: float, echo: bool) -> dict:
     """Run ``robopol-clean reduce`` once; wall time, log time stamps, memory, CPU."""
-    cmd = [_bin("robopol-clean"), "reduce", *frames, "-o", str(outdir), *extra]
-    shown = ["robopol-clean", "reduce", "FRAMES/sim_*.fits", "-o", outdir.name, *extra]
+    # -v: one time-stamped line per frame as it finishes (start-up / steady / tail split)
+    cmd = [_bin("robopol-clean"), "reduce", *frames, "-o", str(outdir), "-v", *extra]
+    shown = ["robopol-clean", "reduce", "FRAMES/sim_*.fits", "-o", outdir.name, "-v", *extra]
     log(f"{label}: {' '.join(shown)}")
     import psutil
 
@@ -278,7 +284,7 @@ def run_reduce(label: str, frames: list[str], outdir: Path, extra: list[str], *,
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     watched = sum(sampler.cpu_delta(k) for k in (watch or {}))
 
-    # per-frame log lines: "<path>: done" / "failed (...)" / "skipped"
+    # per-frame log lines (-v): "<path>: done: ..." / "<path>: skipped ..."
     names = {os.path.basename(f) for f in frames}
     pat = re.compile(r"^(?P<path>\S+): (?P<status>done|failed|skipped)\b")
     frame_t = [t for t, ln in lines
@@ -585,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--n-frames", type=int, default=100, metavar="N", help="frames (default 100)")
+    parser.add_argument("--n-frames", type=int, default=FULL_NIGHT, metavar="N",
+                        help=f"frames (default {FULL_NIGHT})")
     parser.add_argument("--quick", action="store_true", help="6 frames (overrides --n-frames)")
     parser.add_argument("--seed", type=int, default=NIGHT_SEED, help=f"master seed (default {NIGHT_SEED})")
     parser.add_argument("--workdir", default=None,
@@ -594,14 +601,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds allowed per command (default: 60 + 20 s per frame)")
     parser.add_argument("--echo", action="store_true", help="echo the commands' output")
-    parser.add_argument("--json", default=str(HERE / "results" / "night.json"),
-                        help="where to write the JSON results ('' = do not write)")
-    parser.add_argument("--rst", default=str(REPO / "docs" / "night_benchmark_table.rst"),
-                        help="where to write the reST table ('' = do not write)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="where to write the JSON results (the full 100-frame run: default "
+                             "benchmarks/results/night.json; otherwise not written unless given)")
+    parser.add_argument("--rst", default=None, metavar="PATH",
+                        help="where to write the reST table (the full 100-frame run: default "
+                             "docs/night_benchmark_table.rst; otherwise not written unless given)")
     args = parser.parse_args(argv)
     n = 6 if args.quick else args.n_frames
     if n < 2:
         parser.error("--n-frames must be at least 2")
+    full = n == FULL_NIGHT and args.seed == NIGHT_SEED
+    for option, committed in (("json", COMMITTED_JSON), ("rst", COMMITTED_RST)):
+        given = getattr(args, option)
+        if given is None:
+            setattr(args, option, str(committed) if full else "")
+        elif given and not full and Path(given).resolve() == committed:
+            parser.error(f"--{option} {given}: only the full {FULL_NIGHT}-frame night writes the "
+                         f"committed results; give another path")
     timeout = args.timeout or 60 + 20 * n
 
     t_start = time.perf_counter()

@@ -14,10 +14,11 @@ Sections (``--only`` takes their keys, comma-separated):
   psf        PSF photometry vs photutils PSFPhotometry and apertures on crowded star fields
   stages     time per pipeline stage for one 2048 x 2048 frame with ~800 stars
 
-Prints one table per section and writes the same results to
-``benchmarks/results/latest.json`` and ``docs/performance_table.rst`` (reST, for the
+Prints one table per section. A full run of every section also writes the same results
+to ``benchmarks/results/latest.json`` and ``docs/performance_table.rst`` (reST, for the
 documentation's performance page), each with the machine description and the exact
-command. Everything is simulated with fixed seeds: rerunning the command reproduces
+command. A quick or partial run never touches those committed files: it writes only
+where ``--json`` / ``--rst`` say. Everything is simulated with fixed seeds: rerunning the command reproduces
 the accuracy numbers; timings depend on the machine and its load (the load average is
 recorded).
 """
@@ -48,6 +49,10 @@ from _common import (  # noqa: E402
     render_text,
 )
 
+#: The committed results: written by a full run of every section, and only by one.
+COMMITTED_JSON = (HERE / "results" / "latest.json").resolve()
+COMMITTED_RST = (REPO / "docs" / "performance_table.rst").resolve()
+
 #: Section key -> module, in report order.
 SECTIONS = {
     "maximask": "bench_maximask",
@@ -67,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--quick", action="store_true", help="short version (small frames, few seeds)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
-    parser.add_argument("--json", default=str(HERE / "results" / "latest.json"),
-                        help="where to write the JSON results ('' = do not write)")
-    parser.add_argument("--rst", default=str(REPO / "docs" / "performance_table.rst"),
-                        help="where to write the reST table ('' = do not write)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help=f"where to write the JSON results (full run of every section: "
+                             f"default {COMMITTED_JSON.relative_to(REPO)}; otherwise not written "
+                             f"unless given)")
+    parser.add_argument("--rst", default=None, metavar="PATH",
+                        help=f"where to write the reST tables (full run of every section: default "
+                             f"{COMMITTED_RST.relative_to(REPO)}; otherwise not written unless given)")
     args = parser.parse_args(argv)
 
     keys = [k.strip() for k in args.only.split(",") if k.strip()] or list(SECTIONS)
@@ -78,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     keys = [k for k in SECTIONS if k in keys]
+    complete = not args.quick and keys == list(SECTIONS)
+    for option, committed in (("json", COMMITTED_JSON), ("rst", COMMITTED_RST)):
+        given = getattr(args, option)
+        if given is None:
+            setattr(args, option, str(committed) if complete else "")
+        elif given and not complete and Path(given).resolve() == committed:
+            parser.error(f"--{option} {given}: only a full run of every section writes the "
+                         f"committed results; give another path")
 
     t0 = time.perf_counter()
     machine = machine_description()

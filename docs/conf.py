@@ -6,8 +6,6 @@ The build needs no network: intersphinx is off unless ROBOPOL_DOCS_INTERSPHINX=1
 
 import os
 import sys
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _dist_version
 from pathlib import Path
 
 from sphinx_astropy.conf.v2 import *  # the Astropy-ecosystem defaults
@@ -19,10 +17,8 @@ sys.path.insert(0, str(HERE / "_ext"))
 project = "robopol-clean"
 author = "the robopol-clean developers"
 copyright = f"2026, {author}"
-try:
-    release = _dist_version("robopol-clean")
-except PackageNotFoundError:  # building from a source tree that is not installed
-    release = "0.0.0.dev0"
+from robopol_clean import __version__ as release  # noqa: E402 (the checkout's true version)
+
 version = ".".join(release.split(".")[:2])
 
 # -- Extensions ----------------------------------------------------------------------

@@ -7,7 +7,6 @@ one bad file never stops or loses the others.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
@@ -16,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .inputs import expand_inputs, precheck_frame, stem_of
 from .instrument import InstrumentProfile, load_profile
 from .io import FrameError, OutputError, read_frame
 from .products import product_paths, products_exist, write_products
@@ -40,57 +40,32 @@ class FileOutcome:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
-
-def stem_of(path: str | os.PathLike) -> str:
-    """The product stem of an input: the file name without ``.fits``/``.fit``/``.fts`` (+ ``.gz``)."""
-    name = Path(path).name
-    for ext in (".gz", ".fz", ".bz2"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-    for ext in (".fits", ".fit", ".fts"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
-
-
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files from paths, globs, directories (``*.fits`` inside) and ``@list.txt`` files.
-
-    Raises
-    ------
-    FileNotFoundError
-        A pattern matches nothing, or a list file cannot be read.
-    """
-    files: list[str] = []
-    for item in inputs:
-        if item.startswith("@"):
-            try:
-                lines = Path(item[1:]).read_text().splitlines()
-            except OSError as exc:
-                raise FileNotFoundError(f"{item[1:]}: cannot read list file ({exc.strerror})") from None
-            files.extend(expand_inputs([ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]))
-        elif os.path.isdir(item):
-            found = sorted(p for ext in ("*.fits", "*.fit", "*.fts", "*.fits.gz")
-                           for p in glob.glob(os.path.join(item, ext)))
-            if not found:
-                raise FileNotFoundError(f"{item}: no FITS files in this folder")
-            files.extend(found)
-        elif any(c in item for c in "*?["):
-            found = sorted(glob.glob(item))
-            if not found:
-                raise FileNotFoundError(f"{item}: no file matches this pattern")
-            files.extend(found)
-        else:
-            files.append(item)
-    seen = set()
-    return [f for f in files if not (f in seen or seen.add(f))]
+    def describe(self) -> str:
+        """One line for logs: ``<path>: done: ...``, ``<path>: skipped ...`` or ``failed: <error>``."""
+        if self.status == "failed":
+            return f"failed: {self.error}"
+        if self.status == "skipped":
+            return f"{self.path}: skipped (products exist; --overwrite to redo)"
+        s = self.summary
+        return (f"{self.path}: done: {s['n_spots']} spots, {s['n_rejected']} rejected, "
+                f"{s['n_uncertain']} uncertain, {s['n_clean']}/{s['n_quadruplets']} clean "
+                f"quadruplets ({self.seconds:.1f} s)")
 
 
 def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
                 profile: str | InstrumentProfile = "robopol", classifier=None,
                 threshold: float | None = None, uncertain_band=None, overwrite: bool = False,
-                resume: bool = False, diagnostic: bool = False, config=None) -> FileOutcome:
+                diagnostic: bool = False, config=None) -> FileOutcome:
     """Read, reduce and write the products of one frame; never raises for bad input.
+
+    A frame whose products all exist in ``outdir`` is skipped (status ``"skipped"``)
+    unless ``overwrite``: reruns resume where they stopped, for one frame as for many.
+    A frame with only some of its products (another file of the same name, or a run
+    killed between two writes) fails with a message naming the file in the way.
+
+    The input is checked (:func:`~robopol_clean.inputs.precheck_frame`, then
+    :func:`~robopol_clean.io.read_frame`) before the classifier is loaded, so a bad
+    file costs milliseconds.
 
     Parameters
     ----------
@@ -98,12 +73,13 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
         Input FITS file (never modified).
     outdir : path-like
         Output folder.
-    profile, classifier, threshold, uncertain_band
+    profile, threshold, uncertain_band
         As for `robopol_clean.pipeline.reduce_frame` (``None`` = its default).
+    classifier : str or SpotClassifier, optional
+        A classifier, or a name/model path loaded once per process and reused
+        (default ``"cnn"``, the shipped network).
     overwrite : bool
         Replace existing products.
-    resume : bool
-        Skip a file whose products all exist (unless ``overwrite``).
     diagnostic : bool
         Also write the diagnostic PNG.
     config : PhotometryConfig, optional
@@ -113,25 +89,29 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
     -------
     FileOutcome
     """
-    from .pipeline import DEFAULT_THRESHOLD, DEFAULT_UNCERTAIN_BAND, reduce_frame
-
     path = str(path)
     stem = stem_of(path)
     t0 = time.perf_counter()
-    if resume and not overwrite and products_exist(outdir, stem):
-        return FileOutcome(path, "skipped")
     if not overwrite:
         existing = [p for p in product_paths(outdir, stem).values() if p.exists()]
+        if existing and products_exist(outdir, stem):
+            return FileOutcome(path, "skipped")
         if existing:
-            return FileOutcome(path, "failed", f"{existing[0]}: output exists (use --overwrite to replace it)")
+            return FileOutcome(path, "failed", f"{existing[0]}: output exists but the other products "
+                                               f"of {Path(path).name} do not (use --overwrite to redo it)")
+    problem = precheck_frame(path)
+    if problem:
+        return FileOutcome(path, "failed", problem)
     caught: list[str] = []
     try:
+        from .pipeline import DEFAULT_THRESHOLD, DEFAULT_UNCERTAIN_BAND, reduce_frame
+
         prof = load_profile(profile)
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
             ccd = read_frame(path, prof)
             result = reduce_frame(
-                ccd, profile=prof, classifier=classifier,
+                ccd, profile=prof, classifier=cached_classifier(classifier),
                 threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                 uncertain_band=DEFAULT_UNCERTAIN_BAND if uncertain_band is None else uncertain_band,
                 name=Path(path).name, config=config)
@@ -165,43 +145,55 @@ def _unique_messages(records) -> list[str]:
     return out
 
 
+#: Classifiers already loaded in this process, by name: the network is loaded once
+#: per process (once per Dask worker), not once per frame.
+_CLASSIFIERS: dict = {}
+
+
+def cached_classifier(classifier=None):
+    """``classifier`` itself, or the classifier of that name loaded once per process.
+
+    Parameters
+    ----------
+    classifier : str or SpotClassifier, optional
+        ``"cnn"`` (default), ``"morphology"``, a model path, or a classifier object
+        (returned unchanged).
+    """
+    from .pipeline import get_classifier
+
+    if classifier is None:
+        classifier = "cnn"
+    if not isinstance(classifier, str):
+        return classifier
+    if classifier not in _CLASSIFIERS:
+        _CLASSIFIERS[classifier] = get_classifier(classifier)
+    return _CLASSIFIERS[classifier]
+
+
 # ---------------------------------------------------------------------------------
 # Whole nights on Dask
 # ---------------------------------------------------------------------------------
-#: Classifiers already loaded in this process (one per worker process): the network
-#: is loaded once per worker, not once per frame.
-_WORKER_CLASSIFIERS: dict = {}
-
-
-def _worker_classifier(name):
-    from .pipeline import get_classifier
-
-    if not isinstance(name, str):
-        return name
-    if name not in _WORKER_CLASSIFIERS:
-        _WORKER_CLASSIFIERS[name] = get_classifier(name)
-    return _WORKER_CLASSIFIERS[name]
-
-
-def _reduce_task(path: str, outdir: str, options: dict) -> FileOutcome:
-    """The unit of work a Dask worker runs."""
-    options = dict(options)
-    options["classifier"] = _worker_classifier(options.get("classifier") or "cnn")
-    return reduce_file(path, outdir, **options)
+#: Dask's own loggers. A normal run shows none of their messages: scheduler and
+#: worker chatter, and the connection errors some versions log while a cluster that
+#: finished its work shuts down, say nothing the user can act on.
+_DASK_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
 
 
 def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopol",
                  classifier: str = "cnn", threshold: float | None = None, uncertain_band=None,
-                 config=None,
-                 overwrite: bool = False, diagnostic: bool = False, workers: int | None = None,
-                 threads_per_worker: int = 1, scheduler: str | None = None,
-                 progress: bool | None = None, max_in_flight: int | None = None) -> list[FileOutcome]:
+                 config=None, overwrite: bool = False, diagnostic: bool = False,
+                 workers: int | None = None, threads_per_worker: int = 1,
+                 scheduler: str | None = None, progress: str | bool | None = None,
+                 progress_interval: float = 30.0, max_in_flight: int | None = None,
+                 verbose: bool = False) -> list[FileOutcome]:
     """Reduce many frames in parallel on Dask distributed.
 
-    Frames whose products all exist are skipped (resume) unless ``overwrite``. A bad
-    frame becomes a ``failed`` outcome; the others go on. Tasks are streamed: at most
-    ``max_in_flight`` frames are queued at once, so memory stays bounded however long
-    the night.
+    Every file is first checked cheaply (:func:`~robopol_clean.inputs.precheck_frame`):
+    a missing or non-FITS file fails at once and never reaches a worker. Frames whose
+    products all exist are skipped unless ``overwrite``. A bad frame becomes a
+    ``failed`` outcome; the others go on. Tasks are streamed: at most
+    ``max_in_flight`` frames are queued at once, so memory stays flat however long the
+    night. Each worker process loads the classifier once.
 
     Parameters
     ----------
@@ -218,10 +210,17 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
     scheduler : str, optional
         Address of a running Dask scheduler (``tcp://host:8786``) to use instead of a
         local cluster.
-    progress : bool, optional
-        Show a progress bar (default: when stderr is a terminal).
+    progress : {"bar", "log"} or bool, optional
+        ``"bar"``: one tqdm bar on stderr; ``"log"``: a one-line log message every
+        ``progress_interval`` seconds and at the end; False: nothing. Default: a bar when
+        stderr is a terminal, else log lines.
+    progress_interval : float
+        Seconds between progress lines in ``"log"`` mode.
     max_in_flight : int, optional
         Frames queued at once (default: twice the cluster's threads).
+    verbose : bool
+        Log every frame's result as it arrives, the dashboard address and the
+        scheduler's worker events (``distributed.scheduler`` at INFO level).
 
     Returns
     -------
@@ -230,27 +229,54 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
     """
     import sys
 
+    profile = load_profile(profile)
+    results: dict[str, FileOutcome] = {}
+    todo = []
+    for path in files:
+        problem = precheck_frame(path)
+        if problem:
+            results[path] = FileOutcome(path, "failed", problem)
+        else:
+            todo.append(path)
+    if progress is None or progress is True:
+        progress = "bar" if sys.stderr.isatty() else "log"
+    report = _Progress(len(files), progress or None, progress_interval, every_frame=verbose)
+    for path in files:
+        if path in results:
+            report(results[path])
+    if todo:
+        options = dict(profile=profile, classifier=classifier, threshold=threshold, config=config,
+                       uncertain_band=uncertain_band, overwrite=overwrite, diagnostic=diagnostic)
+        with _quiet_dask(verbose):
+            results.update(_run_on_dask(todo, os.path.abspath(str(outdir)), options, report,
+                                        workers=workers, threads_per_worker=threads_per_worker,
+                                        scheduler=scheduler, max_in_flight=max_in_flight,
+                                        verbose=verbose))
+    report.close()
+    return [results[f] for f in files]
+
+
+def _run_on_dask(files, outdir, options, report, *, workers, threads_per_worker, scheduler,
+                 max_in_flight, verbose) -> dict[str, FileOutcome]:
     from dask.distributed import Client, LocalCluster, as_completed
 
-    profile = load_profile(profile)
-    options = dict(profile=profile, classifier=classifier, threshold=threshold, config=config,
-                   uncertain_band=uncertain_band, overwrite=overwrite, resume=True,
-                   diagnostic=diagnostic)
-    # Absolute paths: workers of a --scheduler cluster run in folders of their own.
-    outdir = os.path.abspath(str(outdir))
     cluster = None
     if scheduler:
         client = Client(scheduler)
     else:
-        n = workers or max(1, os.cpu_count() or 1)
+        n = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                           else os.cpu_count() or 1)
         cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+                               dashboard_address=":0" if verbose else None,
+                               silence_logs=logging.INFO if verbose else logging.ERROR)
         client = Client(cluster)
-    show = sys.stderr.isatty() if progress is None else progress
+    if verbose and client.dashboard_link and cluster is not None:
+        log.info("Dask dashboard: %s", client.dashboard_link)
     results: dict[str, FileOutcome] = {}
     try:
         nthreads = sum(client.nthreads().values()) or 1
-        window = max_in_flight or 2 * nthreads
+        if verbose:
+            log.info("Dask cluster: %d worker(s), %d thread(s)", len(client.nthreads()), nthreads)
         pending = iter(files)
         futures = as_completed()
         # Task keys unique to this night: two nights sharing a scheduler (or the same frame
@@ -260,12 +286,11 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
         def submit(path):
             key = f"reduce-{night}-{len(keys)}"
             keys[key] = path
-            futures.add(client.submit(_reduce_task, os.path.abspath(path), outdir, options, key=key,
-                                      pure=False))
+            futures.add(client.submit(reduce_file, os.path.abspath(path), outdir, **options,
+                                      key=key, pure=False))
 
-        for path in _take(pending, window):
+        for path in _take(pending, max_in_flight or 2 * nthreads):
             submit(path)
-        bar = _progress_bar(len(files), show)
         for future in futures:
             path = keys.get(future.key, "?")
             try:
@@ -273,16 +298,92 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
                 outcome.path = path
             except Exception as exc:  # noqa: BLE001 -- e.g. a worker killed repeatedly
                 outcome = FileOutcome(path, "failed", f"{path}: {type(exc).__name__}: {exc}")
-            results[outcome.path] = outcome
+            results[path] = outcome
             future.release()
-            bar(outcome)
+            report(outcome)
             for path in _take(pending, 1):
                 submit(path)
     finally:
+        # A finished cluster may still log lost connections while it stops: hush them.
+        for name in _DASK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         client.close()
         if cluster is not None:
             cluster.close()
-    return [results[f] for f in files]
+    return results
+
+
+class _quiet_dask:
+    """Keep Dask's logs out of a normal run, in this process and in worker processes.
+
+    Worker processes configure their logging from the environment when they start
+    (``DASK_LOGGING__DISTRIBUTED``), so the level is passed there too; levels the user
+    set in the environment are respected. Everything is restored on exit.
+    """
+
+    def __init__(self, verbose: bool):
+        self.level = logging.WARNING if verbose else logging.ERROR
+
+    def __enter__(self):
+        self.saved = {n: logging.getLogger(n).level for n in _DASK_LOGGERS}
+        self.env = os.environ.get("DASK_LOGGING__DISTRIBUTED")
+        for name in _DASK_LOGGERS:
+            logging.getLogger(name).setLevel(self.level)
+        if self.level == logging.WARNING:
+            logging.getLogger("distributed.scheduler").setLevel(logging.INFO)  # worker events
+        if self.env is None:
+            os.environ["DASK_LOGGING__DISTRIBUTED"] = logging.getLevelName(self.level).lower()
+        return self
+
+    def __exit__(self, *exc):
+        for name, level in self.saved.items():
+            logging.getLogger(name).setLevel(level)
+        logging.getLogger("distributed.scheduler").setLevel(logging.NOTSET)
+        if self.env is None:
+            os.environ.pop("DASK_LOGGING__DISTRIBUTED", None)
+        return False
+
+
+class _Progress:
+    """Progress of a night: a tqdm bar (``"bar"``), periodic log lines (``"log"``) or nothing.
+
+    A failed frame is always reported (through the bar or as a log warning).
+    """
+
+    def __init__(self, total: int, mode: str | None, interval: float, every_frame: bool = False):
+        self.total, self.mode, self.interval = total, mode, float(interval)
+        self.every_frame = every_frame
+        self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="frame", desc="reducing", dynamic_ncols=True)
+
+    def __call__(self, outcome: FileOutcome) -> None:
+        self.counts[outcome.status] += 1
+        if outcome.status == "failed" or self.every_frame:
+            if self.bar is not None:
+                self.bar.write(outcome.describe())
+            elif outcome.status == "failed":
+                log.error(outcome.describe())
+            else:
+                log.info(outcome.describe())
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.mode == "log" and time.monotonic() - self.last >= self.interval:
+            self.last = time.monotonic()
+            log.info(self.line())
+
+    def line(self) -> str:
+        n = sum(self.counts.values())
+        return (f"{n}/{self.total} frames ({self.counts['done']} reduced, {self.counts['skipped']} "
+                f"skipped, {self.counts['failed']} failed) in {time.monotonic() - self.t0:.0f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _take(iterator, n):
@@ -295,27 +396,6 @@ def _take(iterator, n):
     return out
 
 
-def _progress_bar(total: int, show: bool):
-    """A callable advancing a tqdm bar (terminal) or logging one line per frame."""
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="frame", desc="reducing")
-
-        def step(outcome):
-            bar.update(1)
-            if outcome.status == "failed":
-                bar.write(f"failed: {outcome.error}")
-            if bar.n == total:
-                bar.close()
-        return step
-
-    def log_line(outcome):
-        log.info("%s: %s%s", outcome.path, outcome.status,
-                 f" ({outcome.error})" if outcome.error else "")
-    return log_line
-
-
 def _complete_groups(spots) -> int:
     """Groups with a spot in every channel, counted from a spots table."""
     import numpy as np
@@ -325,6 +405,21 @@ def _complete_groups(spots) -> int:
     gid = np.asarray(spots["group_id"])
     counts = np.bincount(gid[gid >= 0]) if (gid >= 0).any() else np.zeros(0, int)
     return int(np.count_nonzero(counts >= 4))
+
+
+def _earlier_summary(path: Path) -> dict[str, dict]:
+    """Rows of an existing ``summary.ecsv`` by frame name (empty when none or unreadable)."""
+    from astropy.table import Table
+
+    if not path.is_file():
+        return {}
+    try:
+        table = Table.read(path, format="ascii.ecsv")
+    except (OSError, ValueError):
+        return {}
+    if "frame" not in table.colnames:
+        return {}
+    return {str(r["frame"]): {c: r[c] for c in table.colnames} for r in table}
 
 
 def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike) -> dict[str, Path]:
@@ -340,10 +435,12 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
 
     outdir = Path(outdir)
     written: dict[str, Path] = {}
+    earlier = _earlier_summary(outdir / "summary.ecsv")
     rows, stokes_tables, p_all, snr_all, rates = [], [], [], [], []
     for o in outcomes:
         if o.status == "failed":
             continue
+        name = Path(o.path).name
         paths = product_paths(outdir, stem_of(o.path))
         try:
             spots = Table.read(paths["spots"], format="ascii.ecsv")
@@ -352,18 +449,23 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
             log.warning("%s: catalogues of a reduced frame cannot be read back (%s); left out of "
                         "the night products", o.path, exc)
             continue
-        rows.append({
-            "frame": Path(o.path).name, "n_spots": len(spots),
+        clean = stokes[stokes["flags"] == 0] if "flags" in stokes.colnames else stokes
+        row = {
+            "frame": name, "n_spots": len(spots),
             "n_rejected": int(np.count_nonzero(spots["rejected"])) if len(spots) else 0,
             "n_uncertain": int(np.count_nonzero(spots["uncertain"])) if len(spots) else 0,
             "n_quadruplets": _complete_groups(spots),
-            "n_clean": len(stokes),
-            "median_q_err": float(np.median(stokes["q_err"])) if len(stokes) else np.nan,
+            "n_stokes": len(stokes),
+            "n_clean": len(clean),
+            "median_q_err": float(np.median(clean["q_err"])) if len(clean) else np.nan,
             "seconds": o.seconds,
-        })
+        }
+        if o.status == "skipped":  # the time is that of the run that did the work
+            row["seconds"] = float(earlier.get(name, {}).get("seconds", np.nan))
+        rows.append(row)
         if len(stokes):
             stokes = stokes.copy()
-            stokes.add_column(Path(o.path).name, name="frame", index=0)
+            stokes.add_column(name, name="frame", index=0)
             stokes.meta = {}
             stokes_tables.append(stokes)
         if len(spots):
@@ -371,7 +473,7 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
             snr_all.append(np.asarray(spots["snr"], float))
             rates.append(float(np.mean(spots["rejected"])))
     if rows:
-        summary = Table(rows=rows)
+        summary = Table(rows=rows, names=list(rows[0]))
         summary["seconds"].unit = "s"
         write_atomic(outdir / "summary.ecsv", lambda p: summary.write(p, format="ascii.ecsv", overwrite=True),
                      overwrite=True)

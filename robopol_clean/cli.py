@@ -75,76 +75,76 @@ def _add_reduce(sub) -> None:
                    help="threads per local Dask worker (default: 1)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="use a running Dask scheduler (tcp://host:8786) instead of a local cluster")
-    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="more detail")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    talk.add_argument("-v", "--verbose", action="store_true",
+                      help="also every frame's result, the Dask dashboard address and worker events")
     p.set_defaults(func=_run_reduce)
 
 
 def _run_reduce(args) -> int:
-    from .batch import expand_inputs, reduce_file, reduce_night, write_night_products
+    from .inputs import expand_inputs
+
+    _set_verbosity(args)
+    # Cheap checks first: a bad command line is a usage error, found before anything
+    # heavy (the network, a Dask cluster) loads; every frame is then checked before the
+    # model loads (batch.reduce_file, batch.reduce_night).
+    files = expand_inputs(args.inputs, strict=False)
+
+    from .batch import reduce_file, reduce_night, write_night_products
     from .config import PhotometryConfig
     from .instrument import ProfileError, load_profile
     from .io import OutputError, check_writable
-    from .pipeline import get_classifier
 
-    _set_verbosity(args)
     try:
-        files = expand_inputs(args.inputs)
         profile = load_profile(args.profile)
         check_writable(args.outdir)
-    except (FileNotFoundError, ProfileError, OutputError) as exc:
+    except (ProfileError, OutputError) as exc:
         raise CLIError(str(exc)) from None
+    classifier = args.model or args.classifier
+    if args.model:  # a bad model is a usage error, found before any frame is reduced
+        from .pipeline import get_classifier
+
+        try:
+            get_classifier(args.model)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     options = dict(profile=profile, threshold=args.threshold, uncertain_band=args.uncertain_band,
                    overwrite=args.overwrite, diagnostic=args.diagnostic,
                    config=PhotometryConfig(method=args.photometry))
     if len(files) == 1 and not args.scheduler:
-        # One frame: no cluster to start, the model is loaded here once.
-        try:
-            classifier = get_classifier(args.model or args.classifier)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
+        # One frame: no cluster to start; the frame is read before the model loads.
         outcomes = [reduce_file(files[0], args.outdir, classifier=classifier, **options)]
         _report_outcome(outcomes[0])
     else:
-        if args.model:  # fail early, not once per worker
-            try:
-                get_classifier(args.model)
-            except ValueError as exc:
-                raise CLIError(str(exc)) from None
-        outcomes = reduce_night(files, args.outdir, classifier=args.model or args.classifier,
-                                workers=args.workers,
+        outcomes = reduce_night(files, args.outdir, classifier=classifier, workers=args.workers,
                                 threads_per_worker=args.threads_per_worker, scheduler=args.scheduler,
-                                progress=None if not args.quiet else False, **options)
-        for outcome in outcomes:
-            if args.verbose or outcome.status == "failed" or outcome.warnings:
-                _report_outcome(outcome)
+                                progress=False if args.quiet else None, verbose=args.verbose,
+                                **options)
+        for outcome in outcomes:  # results and failures were reported as they happened
+            for w in outcome.warnings:
+                log.warning("warning: %s: %s", outcome.path, w)
     write_night_products(outcomes, args.outdir)
     failed = [o for o in outcomes if o.status == "failed"]
-    log.info("%d frame(s): %d reduced, %d skipped (already done), %d failed", len(outcomes),
-             sum(o.status == "done" for o in outcomes), sum(o.status == "skipped" for o in outcomes),
-             len(failed))
+    log.info("%d frame(s): %d reduced, %d skipped (products exist; --overwrite to redo), "
+             "%d failed%s", len(outcomes), sum(o.status == "done" for o in outcomes),
+             sum(o.status == "skipped" for o in outcomes), len(failed),
+             f" (listed in {Path(args.outdir) / 'failures.ecsv'})" if failed else "")
     return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _report_outcome(outcome) -> None:
     for w in outcome.warnings:
-        print(f"robopol-clean: warning: {w}", file=sys.stderr)
-    if outcome.status == "failed":
-        print(f"robopol-clean: error: {outcome.error}", file=sys.stderr)
-    elif outcome.status == "done":
-        s = outcome.summary
-        log.info("%s: %d spots, %d rejected, %d uncertain, %d/%d clean quadruplets (%.1f s)",
-                 outcome.path, s["n_spots"], s["n_rejected"], s["n_uncertain"], s["n_clean"],
-                 s["n_quadruplets"], outcome.seconds)
-    else:
-        log.info("%s: products exist, skipped", outcome.path)
+        log.warning("warning: %s", w)
+    (log.error if outcome.status == "failed" else log.info)(outcome.describe())
 
 
 def _set_verbosity(args) -> None:
-    level = logging.WARNING if getattr(args, "quiet", False) else (
+    """-q: errors only; default: progress and results; -v: also cluster details."""
+    level = logging.ERROR if getattr(args, "quiet", False) else (
         logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    logging.getLogger().setLevel(level)
     log.setLevel(level)
+    logging.getLogger("py.warnings").setLevel(max(level, logging.WARNING))
 
 
 def _add_demo(sub) -> None:
@@ -430,7 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our messages go to stderr through our own handler; other libraries' loggers keep
+    # Python's defaults (warnings and errors only), so nothing third-party chatters.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").handlers[:] = [_one_line_warnings()]
     logging.getLogger("py.warnings").propagate = False

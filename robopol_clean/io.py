@@ -98,19 +98,43 @@ def read_frame(path: str | os.PathLike, profile: InstrumentProfile, *, hdu: int 
         raise
     except (OSError, ValueError, TypeError) as exc:
         raise FrameError(f"{name}: not a readable FITS file ({_short(exc)})") from None
-    return frame_from_ccd(CCDData(_as_float(data, name), unit="adu", meta=header), profile, name=name)
+    unit = _header_unit(header, name)
+    return frame_from_ccd(CCDData(_as_float(data, name), unit=unit, meta=header), profile, name=name)
+
+
+def _header_unit(header, name: str):
+    """The pixel unit of BUNIT (ADU when absent)."""
+    import astropy.units as u
+
+    text = str(header.get("BUNIT", "") or "").strip()
+    if not text:
+        return u.adu
+    try:
+        return u.Unit(text, parse_strict="raise")
+    except ValueError:
+        raise FrameError(f"{name}: BUNIT {text!r} is not a unit astropy understands") from None
 
 
 def frame_from_ccd(ccd: CCDData, profile: InstrumentProfile, *, name: str = "frame") -> CCDData:
-    """Check a `~astropy.nddata.CCDData` and return a float32 copy ready for reduction.
+    """Check a `~astropy.nddata.CCDData` and return a float32 copy in ADU, ready for reduction.
 
-    Masks non-finite pixels (OR-ed with any existing mask) and fills in GAIN, RDNOISE
-    and EXPTIME from the profile, with a warning, when the header lacks them.
+    The pipeline works in ADU and converts to electrons with the header's GAIN where
+    photon noise is computed. A frame in electrons (after ``ccdproc.gain_correct``) is
+    divided by GAIN, so it gives the same Stokes parameters and errors as the same frame
+    in ADU; its ``uncertainty`` is converted alike. Other units are refused.
+
+    Non-finite pixels, and pixels whose ``uncertainty`` is not finite and positive, are
+    masked (OR-ed with any existing mask) and set to 0. The noise model does not use
+    the uncertainty's values (see :doc:`/conventions`). GAIN,
+    RDNOISE and EXPTIME come from the profile, with a warning, when the header lacks
+    them. A frame that still carries the detector bias (its darkest pixels near the
+    profile's ``bias`` level and no ccdproc ``subbias`` record) gets a warning: its
+    photon noise would be wrong.
 
     Raises
     ------
     FrameError
-        Wrong dimensionality, too small, or no finite pixels.
+        Wrong dimensionality or unit, too small, or no finite pixels.
     """
     data = _as_float(np.asarray(ccd.data), name)
     ny, nx = data.shape
@@ -136,9 +160,81 @@ def frame_from_ccd(ccd: CCDData, profile: InstrumentProfile, *, name: str = "fra
         warnings.warn(f"{name}: header lacks {', '.join(k.split('=')[0] for k in missing)}; "
                       f"using {profile.name} profile values ({', '.join(missing)})", AstropyWarning,
                       stacklevel=2)
+    if ccd.uncertainty is not None:
+        # The errors come from the noise model (GAIN, RDNOISE, the fitted sky and model),
+        # not from a data-based uncertainty, which would bias faint fluxes low; but a
+        # pixel the chain calls unusable (no finite, positive uncertainty) is masked.
+        unc = np.asarray(ccd.uncertainty.array)
+        if unc.shape != data.shape:
+            raise FrameError(f"{name}: uncertainty shape {unc.shape} differs from data {data.shape}")
+        mask |= ~(np.isfinite(unc) & (unc > 0))
     data = np.where(finite, data, np.float32(0.0))
-    return CCDData(data, unit=ccd.unit or "adu", mask=mask if mask.any() else None, meta=meta,
-                   uncertainty=ccd.uncertainty, wcs=ccd.wcs)
+    to_adu = _adu_per_unit(ccd.unit, float(meta["GAIN"]), name)
+    uncertainty = ccd.uncertainty
+    if to_adu != 1.0:
+        data *= np.float32(to_adu)
+        if uncertainty is not None:
+            uncertainty = _scaled_uncertainty(uncertainty, to_adu, name)
+        meta["RCLUNIT"] = (str(ccd.unit), "input unit; converted to ADU with GAIN")
+    _warn_if_raw(data, mask, meta, profile, name)
+    return CCDData(data, unit="adu", mask=mask if mask.any() else None, meta=meta,
+                   uncertainty=uncertainty, wcs=ccd.wcs)
+
+
+def _adu_per_unit(unit, gain: float, name: str) -> float:
+    """Factor from the frame's unit to ADU: 1 for ADU, 1/GAIN for electrons."""
+    import astropy.units as u
+
+    if unit is None or unit == u.adu:
+        return 1.0
+    if unit == u.electron:
+        return 1.0 / gain
+    raise FrameError(f"{name}: pixel unit {unit.to_string()!r} is not supported: give a frame in "
+                     f"ADU or electrons (counts, not rates or calibrated fluxes)")
+
+
+def _scaled_uncertainty(uncertainty, factor: float, name: str):
+    from astropy.nddata import StdDevUncertainty, VarianceUncertainty
+
+    if isinstance(uncertainty, StdDevUncertainty):
+        return StdDevUncertainty(np.asarray(uncertainty.array) * factor, unit="adu")
+    if isinstance(uncertainty, VarianceUncertainty):
+        return VarianceUncertainty(np.asarray(uncertainty.array) * factor**2, unit="adu2")
+    raise FrameError(f"{name}: uncertainty of type {type(uncertainty).__name__} is not supported "
+                     "(use StdDevUncertainty or VarianceUncertainty)")
+
+
+#: Keywords ccdproc and IRAF write when the bias has been removed.
+_BIAS_DONE_KEYWORDS = ("SUBBIAS", "ZEROCOR", "BIASCOR", "OVERSCAN", "SUBOSCAN")
+
+
+def _warn_if_raw(data: np.ndarray, mask: np.ndarray, meta, profile: InstrumentProfile,
+                 name: str) -> None:
+    """Warn when the frame's noise says it still carries the detector bias.
+
+    Photon noise follows the light, not the bias: in ADU, the sky's variance is
+    ``level / GAIN + (RDNOISE / GAIN)**2`` after bias subtraction, but
+    ``(level - bias) / GAIN + ...`` in a raw frame. The sky level and its pixel-to-pixel
+    noise (robust, from differences of neighbouring pixels) tell the two apart.
+    """
+    if profile.bias <= 0 or any(k in meta for k in _BIAS_DONE_KEYWORDS):
+        return
+    rows = data[::16]
+    ok = ~(mask[::16, 1:] | mask[::16, :-1])
+    level = float(np.median(rows[:, 1:][ok])) if ok.any() else 0.0
+    if level <= profile.bias:
+        return
+    diff = (rows[:, 1:] - rows[:, :-1])[ok]
+    var = (1.4826 * float(np.median(np.abs(diff - np.median(diff))))) ** 2 / 2.0
+    gain, ron = float(meta["GAIN"]), float(meta["RDNOISE"])
+    var_subtracted = level / gain + (ron / gain) ** 2
+    var_raw = (level - profile.bias) / gain + (ron / gain) ** 2
+    if abs(np.log(var / var_raw)) < abs(np.log(var / var_subtracted)):
+        warnings.warn(f"{name}: looks like a raw frame: its sky noise ({var ** 0.5:.1f} ADU) fits a "
+                      f"level of {level - profile.bias:.0f} ADU above the {profile.name} bias of "
+                      f"{profile.bias:g} ADU, not its level of {level:.0f} ADU; subtract the bias "
+                      f"first (ccdproc.subtract_bias), or the photon noise of every measurement is "
+                      f"wrong", AstropyWarning, stacklevel=3)
 
 
 def detector_origin(header) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from astropy.nddata import CCDData
 from astropy.table import Table, vstack
 from scipy.spatial import cKDTree
 
-from . import __version__
+from ._version_info import __commit__, __version__
 from .classify import FrameScene, SpotClassifier, decide
 from .config import PhotometryConfig
 from .detection import detect_spots, estimate_background, saturation_level
@@ -256,6 +256,7 @@ def reduce_frame(
     meta = {
         "frame": name,
         "version": __version__,
+        "commit": __commit__,
         "profile": profile.name,
         "classifier": clf.describe(),
         "threshold": float(threshold),
@@ -281,6 +282,7 @@ def reduce_frame(
     timings["total"] = time.perf_counter() - t_start
     for table in (spots, groups, stokes):
         table.meta.update({"frame": name, "robopol_clean_version": __version__,
+                           "robopol_clean_commit": __commit__,
                            "profile": profile.name, "classifier": clf.name,
                            "threshold": float(threshold), "photometry": config.method,
                            "photometry_config": config.non_default(),
@@ -539,6 +541,8 @@ def _write_provenance(ccd: CCDData, meta: dict) -> None:
     """Short (<= 8 character) header keywords so no HIERARCH warning is raised."""
     h = ccd.meta
     h["RCLVER"] = (str(meta["version"]), "robopol-clean version")
+    if meta.get("commit"):
+        h["RCLGIT"] = (str(meta["commit"]), "robopol-clean git commit")
     h["RCLPROF"] = (str(meta["profile"]), "instrument profile")
     h["RCLCLASS"] = (str(meta["classifier"].get("name")), "artifact classifier")
     model = meta["classifier"].get("model")

@@ -1,6 +1,9 @@
 """Whole nights on a real Dask LocalCluster (worker processes)."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from astropy.table import Table
@@ -55,3 +58,40 @@ def test_night_on_local_cluster_with_corrupt_frame_and_resume(night, tmp_path):
     assert code == EXIT_FAILURE
     assert (out / "frame0_spots.ecsv").stat().st_mtime_ns == stamp
     assert len(Table.read(out / "summary.ecsv")) == 3
+
+
+def _cli(*args, cwd):
+    """The installed console script in a fresh process, as a user runs it (stderr not a tty)."""
+    exe = shutil.which("robopol-clean")
+    cmd = [exe] if exe else [sys.executable, "-m", "robopol_clean.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_", "TF_CPP"))}
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_frame_reduce_is_quiet(small_fits, tmp_path):
+    """A night on a real local cluster prints our own lines only: no Dask, ONNX Runtime or
+    TensorFlow logs, no tracebacks; -q prints nothing; -v adds the dashboard address."""
+    for i in range(2):
+        shutil.copy(small_fits, tmp_path / f"f{i}.fits")
+    frames = [tmp_path / "f0.fits", tmp_path / "f1.fits"]
+
+    done = _cli("reduce", *frames, "-o", tmp_path / "out", "--workers", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("2 frame(s): 2 reduced"), done.stderr
+    assert done.stdout == ""
+
+    quiet = _cli("reduce", *frames, "-o", tmp_path / "out_q", "--workers", "2", "-q", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == ""
+
+    loud = _cli("reduce", *frames, "-o", tmp_path / "out_v", "--workers", "2", "-v", cwd=tmp_path)
+    assert loud.returncode == 0
+    assert "Dask dashboard: http" in loud.stderr
+    assert "Traceback" not in loud.stderr and "CommClosedError" not in loud.stderr
+
+    one = _cli("reduce", frames[0], "-o", tmp_path / "out1", cwd=tmp_path)
+    lines = one.stderr.splitlines()
+    assert one.returncode == 0 and len(lines) == 2, one.stderr
+    assert lines[0].startswith(str(frames[0])) and lines[1].startswith("1 frame(s): 1 reduced")

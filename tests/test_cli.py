@@ -51,20 +51,30 @@ def test_reduce_writes_documented_products(small_fits, tmp_path):
         assert hdul["MASK"].data.shape == hdul[0].data.shape
 
 
-def test_refuses_to_overwrite(small_fits, tmp_path, capsys):
+def test_rerun_skips_done_frames_and_refuses_partial_products(small_fits, tmp_path, capsys):
     out = tmp_path / "out"
     assert _reduce(small_fits, "-o", out) == EXIT_OK
     stamp = (out / "small_spots.ecsv").stat().st_mtime_ns
+    seconds = Table.read(out / "summary.ecsv")["seconds"][0]
+    assert seconds > 0
+    # A rerun skips a frame whose products all exist, and keeps the earlier record.
+    assert main(["reduce", str(small_fits), "-o", str(out), "--classifier", "morphology"]) == EXIT_OK
+    assert "skipped" in capsys.readouterr().err
+    assert (out / "small_spots.ecsv").stat().st_mtime_ns == stamp
+    assert Table.read(out / "summary.ecsv")["seconds"][0] == seconds
+    # Some products but not all: another file is in the way; refuse, touch nothing.
+    (out / "small_stokes.ecsv").unlink()
     assert _reduce(small_fits, "-o", out) == EXIT_FAILURE
-    err = capsys.readouterr().err
-    assert "small_spots.ecsv: output exists" in err
+    assert "small_spots.ecsv: output exists" in capsys.readouterr().err
     assert (out / "small_spots.ecsv").stat().st_mtime_ns == stamp
     assert _reduce(small_fits, "-o", out, "--overwrite") == EXIT_OK
+    assert (out / "small_stokes.ecsv").exists()
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"not a fits file at all", "not a readable FITS file"), (b"", "not a readable FITS file")],
+    [(b"not a fits file at all", "not a FITS file"), (b"", "empty file"),
+     (b"SIMPLE  =                    T" + b"\0" * 100, "not a readable FITS file")],
 )
 def test_bad_file_one_line_error(tmp_path, capsys, content, message):
     bad = tmp_path / "broken.fits"
@@ -73,14 +83,23 @@ def test_bad_file_one_line_error(tmp_path, capsys, content, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert any(str(bad) in line and message in line for line in err)
     assert not any(line.startswith("Traceback") for line in err)
+    assert not any("ignore_missing_simple" in line for line in err)  # not an option of ours
     assert not list((tmp_path / "out").glob("broken*"))
     failures = Table.read(tmp_path / "out" / "failures.ecsv")
     assert list(failures["file"]) == [str(bad)]
 
 
+def test_missing_inputs_fail_like_bad_frames(small_fits, tmp_path, capsys):
+    """A missing file and a pattern matching nothing: both failed inputs (exit 1)."""
+    out = tmp_path / "out"
+    assert _reduce(tmp_path / "nothing-*.fits", "-o", out) == EXIT_FAILURE
+    assert "nothing-*.fits: no file matches this pattern" in capsys.readouterr().err
+    assert _reduce(tmp_path / "missing.fits", "-o", out) == EXIT_FAILURE
+    assert "missing.fits: no such file" in capsys.readouterr().err
+    assert len(Table.read(out / "failures.ecsv")) == 1
+
+
 def test_usage_errors(tmp_path, capsys):
-    assert _reduce(tmp_path / "nothing-*.fits", "-o", tmp_path) == EXIT_USAGE
-    assert "no file matches" in capsys.readouterr().err
     assert main(["reduce", "x.fits", "-o", str(tmp_path), "--profile", "nope"]) == EXIT_USAGE
     assert "nope" in capsys.readouterr().err
     blocker = tmp_path / "file"
@@ -97,9 +116,12 @@ def test_missing_header_keywords_warn(small_fits, tmp_path, capsys):
     with fits.open(small_fits) as hdul:
         data = hdul[0].data
     fits.PrimaryHDU(data).writeto(frame)
-    assert _reduce(frame, "-o", tmp_path / "out") == EXIT_OK
+    out = tmp_path / "out"
+    assert main(["reduce", str(frame), "-o", str(out), "--classifier", "morphology"]) == EXIT_OK
     err = capsys.readouterr().err
     assert "header lacks GAIN" in err
+    assert _reduce(frame, "-o", out, "--overwrite") == EXIT_OK
+    assert capsys.readouterr().err == ""  # -q: errors only
 
 
 def test_console_script_runs():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.nddata import CCDData
+from astropy.utils.exceptions import AstropyWarning
 
 from robopol_clean.instrument import load_profile
 from robopol_clean.io import (
@@ -133,3 +134,50 @@ def test_unwritable_folder_path_is_a_file(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="not writable"):
         check_writable(blocker / "sub")
+
+
+def _sky(shape=(256, 256), level=300.0, gain=2.0, ron=5.0, seed=1):
+    """A star-less sky frame in ADU with photon and read noise for this GAIN and RDNOISE."""
+    rng = np.random.default_rng(seed)
+    electrons = rng.poisson(level * gain, shape) + rng.normal(0, ron, shape)
+    return (electrons / gain).astype(np.float32)
+
+
+def test_electrons_are_converted_to_adu_with_gain():
+    header = fits.Header({"GAIN": 2.0, "RDNOISE": 5.0, "EXPTIME": 60.0})
+    adu = _sky()
+    from astropy.nddata import StdDevUncertainty
+
+    ccd = CCDData(adu * 2.0, unit="electron", meta=header,
+                  uncertainty=StdDevUncertainty(np.sqrt(adu * 2.0)))
+    frame = frame_from_ccd(ccd, PROFILE)
+    assert frame.unit == "adu" and frame.header["RCLUNIT"] == "electron"
+    np.testing.assert_allclose(frame.data, adu, rtol=1e-6)
+    np.testing.assert_allclose(frame.uncertainty.array, np.sqrt(adu * 2.0) / 2.0, rtol=1e-6)
+    assert ccd.unit == "electron"  # the input is untouched
+
+
+def test_bunit_is_read_and_rates_are_refused(tmp_path):
+    header = fits.Header({"GAIN": 2.0, "RDNOISE": 5.0, "EXPTIME": 60.0, "BUNIT": "electron"})
+    path = _write(tmp_path / "e.fits", _sky() * 2.0, header=header)
+    np.testing.assert_allclose(read_frame(path, PROFILE).data, _sky(), rtol=1e-6)
+    header["BUNIT"] = "adu / s"
+    path = _write(tmp_path / "rate.fits", _sky(), header=header)
+    with pytest.raises(FrameError, match=r"rate.fits: pixel unit 'adu / s' is not supported"):
+        read_frame(path, PROFILE)
+
+
+@pytest.mark.parametrize("level", [150.0, 900.0])
+def test_raw_frame_warns_from_its_noise(level):
+    """The bias adds level but no noise: a raw frame is told apart at any sky level."""
+    header = fits.Header({"GAIN": 2.0, "RDNOISE": 5.0, "EXPTIME": 60.0})
+    sky = _sky(level=level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame_from_ccd(CCDData(sky, unit="adu", meta=header), PROFILE)  # bias-subtracted: silent
+    with pytest.warns(AstropyWarning, match="looks like a raw frame"):
+        frame_from_ccd(CCDData(sky + PROFILE.bias, unit="adu", meta=header), PROFILE)
+    header["SUBBIAS"] = "ccd=<CCDData>, master=<CCDData>"  # ccdproc's record: trusted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame_from_ccd(CCDData(sky + PROFILE.bias, unit="adu", meta=header), PROFILE)

@@ -53,9 +53,8 @@ class FileOutcome:
 
 
 def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
-                profile: str | InstrumentProfile = "robopol", classifier=None,
-                threshold: float | None = None, uncertain_band=None, overwrite: bool = False,
-                diagnostic: bool = False, config=None) -> FileOutcome:
+                profile: str | InstrumentProfile = "robopol", classifier=None, config=None,
+                overwrite: bool = False, diagnostic: bool = False) -> FileOutcome:
     """Read, reduce and write the products of one frame; never raises for bad input.
 
     A frame whose products all exist in ``outdir`` is skipped (status ``"skipped"``)
@@ -73,8 +72,8 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
         Input FITS file (never modified).
     outdir : path-like
         Output folder.
-    profile, threshold, uncertain_band
-        As for `robopol_clean.pipeline.reduce_frame` (``None`` = its default).
+    profile
+        As for `robopol_clean.pipeline.reduce_frame`.
     classifier : str or SpotClassifier, optional
         A classifier, or a name/model path loaded once per process and reused
         (default ``"cnn"``, the shipped network).
@@ -82,8 +81,8 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
         Replace existing products.
     diagnostic : bool
         Also write the diagnostic PNG.
-    config : PhotometryConfig, optional
-        Photometry and flag settings (the defaults if omitted).
+    config : ReductionConfig, optional
+        Every setting of the reduction (the defaults if omitted).
 
     Returns
     -------
@@ -104,17 +103,14 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
         return FileOutcome(path, "failed", problem)
     caught: list[str] = []
     try:
-        from .pipeline import DEFAULT_THRESHOLD, DEFAULT_UNCERTAIN_BAND, reduce_frame
+        from .pipeline import reduce_frame
 
         prof = load_profile(profile)
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
             ccd = read_frame(path, prof)
-            result = reduce_frame(
-                ccd, profile=prof, classifier=cached_classifier(classifier),
-                threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
-                uncertain_band=DEFAULT_UNCERTAIN_BAND if uncertain_band is None else uncertain_band,
-                name=Path(path).name, config=config)
+            result = reduce_frame(ccd, profile=prof, classifier=cached_classifier(classifier),
+                                  config=config, name=Path(path).name)
         caught = _unique_messages(records)
         write_products(result, outdir, stem, overwrite=overwrite, diagnostic=diagnostic)
     except (FrameError, OutputError) as exc:
@@ -180,8 +176,7 @@ _DASK_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
 
 
 def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopol",
-                 classifier: str = "cnn", threshold: float | None = None, uncertain_band=None,
-                 config=None, overwrite: bool = False, diagnostic: bool = False,
+                 classifier: str = "cnn", config=None, overwrite: bool = False, diagnostic: bool = False,
                  workers: int | None = None, threads_per_worker: int = 1,
                  scheduler: str | None = None, progress: str | bool | None = None,
                  progress_interval: float = 30.0, max_in_flight: int | None = None,
@@ -201,8 +196,9 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
         Input FITS files.
     outdir : path-like
         Output folder.
-    profile, classifier, threshold, uncertain_band, config, overwrite, diagnostic
-        As for :func:`reduce_file`; ``classifier`` is a name, loaded once per worker.
+    profile, classifier, config, overwrite, diagnostic
+        As for :func:`reduce_file`; ``classifier`` is a name, loaded once per worker,
+        and every worker gets the same ``config``.
     workers : int, optional
         Local worker processes (default: one per core). Ignored with ``scheduler``.
     threads_per_worker : int
@@ -245,8 +241,8 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
         if path in results:
             report(results[path])
     if todo:
-        options = dict(profile=profile, classifier=classifier, threshold=threshold, config=config,
-                       uncertain_band=uncertain_band, overwrite=overwrite, diagnostic=diagnostic)
+        options = dict(profile=profile, classifier=classifier, config=config, overwrite=overwrite,
+                       diagnostic=diagnostic)
         with _quiet_dask(verbose):
             results.update(_run_on_dask(todo, os.path.abspath(str(outdir)), options, report,
                                         workers=workers, threads_per_worker=threads_per_worker,

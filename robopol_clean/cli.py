@@ -31,22 +31,6 @@ class CLIError(Exception):
 
 # --- subcommands (each helper adds its own block below) -------------------------------
 
-def _add_common_reduce_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="robopol", metavar="P",
-                   help="instrument profile: a shipped name or a TOML file (default: robopol)")
-    p.add_argument("--classifier", choices=["cnn", "morphology"], default="cnn",
-                   help="artifact classifier (default: cnn, combined with the partner cues)")
-    p.add_argument("--model", default=None, metavar="MODEL.keras",
-                   help="use this trained network (with its .json) instead of the shipped one")
-    p.add_argument("--threshold", type=_probability, default=None, metavar="T",
-                   help="reject spots with p_artifact >= T (default: 0.5)")
-    p.add_argument("--uncertain-band", type=_probability, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="flag kept spots with LO <= p_artifact < HI as uncertain (default: 0.3 0.5)")
-    p.add_argument("--photometry", choices=["psf", "aperture"], default="psf",
-                   help="psf: every spot fitted together with the frame's PSF (default); "
-                        "aperture: apertures of 2 FWHM")
-
-
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -57,17 +41,83 @@ def _probability(text: str) -> float:
     return value
 
 
+# Options shared by subcommands: one parent parser each, so every subcommand spells and
+# documents them the same way.
+def _parent() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+_PROFILE = _parent()
+_PROFILE.add_argument("--profile", default="robopol", metavar="P",
+                      help="instrument profile: a shipped name or a TOML file (default: robopol)")
+
+_OVERWRITE = _parent()
+_OVERWRITE.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+_TALK = _parent()
+_talk = _TALK.add_mutually_exclusive_group()
+_talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+_talk.add_argument("-v", "--verbose", action="store_true",
+                   help="more detail (for reduce: every frame's result as it finishes, the Dask "
+                        "dashboard address and worker events)")
+
+_REDUCTION = _parent()
+_REDUCTION.add_argument("--classifier", choices=["cnn", "morphology"], default="cnn",
+                        help="artifact classifier (default: cnn, combined with the partner cues)")
+_REDUCTION.add_argument("--model", default=None, metavar="MODEL",
+                        help="use this trained network (.onnx or .keras, with its .json) instead of "
+                             "the shipped one")
+_REDUCTION.add_argument("--config", default=None, metavar="FILE.toml",
+                        help="reduction settings (robopol_clean.config.ReductionConfig as TOML); "
+                             "the options below override it")
+_REDUCTION.add_argument("--threshold", type=_probability, default=None, metavar="T",
+                        help="reject spots with p_artifact >= T (default: 0.5)")
+_REDUCTION.add_argument("--uncertain-band", type=_probability, nargs=2, default=None,
+                        metavar=("LO", "HI"),
+                        help="flag kept spots with LO <= p_artifact < HI as uncertain "
+                             "(default: 0.3 0.5)")
+_REDUCTION.add_argument("--photometry", choices=["psf", "aperture"], default=None,
+                        help="psf: every spot fitted together with the frame's PSF (default); "
+                             "aperture: apertures of 2 FWHM")
+
+_DATA = _parent()
+_DATA.add_argument("--sim-frames", type=int, default=None, metavar="N",
+                   help="simulated 1024 x 1024 frames to label from truth (default: 240 for train, "
+                        "20 for evaluate)")
+_DATA.add_argument("--seed", type=int, default=0, help="seed of simulation, split and training (default: 0)")
+_DATA.add_argument("--ds9", nargs=2, action="append", default=[], metavar=("FRAME", "REGIONS"),
+                   help="a real frame and its DS9 labels (red regions = artifacts, green = stars; "
+                        "see 'robopol-clean label'); repeatable")
+
+
+def _reduction_config(args):
+    """The configuration of --config, with the command line's own options applied."""
+    from .config import ConfigError, ReductionConfig, load_config
+
+    try:
+        cfg = load_config(args.config) if args.config else ReductionConfig()
+        cfg = cfg.updated(threshold=args.threshold, photometry_method=args.photometry)
+        if args.uncertain_band is not None:
+            cfg = cfg.updated(uncertain_band=tuple(args.uncertain_band))
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    return cfg
+
+
 def _add_reduce(sub) -> None:
     p = sub.add_parser(
-        "reduce", help="reduce frames: mask artifacts, write catalogues, regions and Stokes q/u",
+        "reduce", parents=[_PROFILE, _REDUCTION, _OVERWRITE, _TALK],
+        help="reduce frames: mask artifacts, write catalogues, regions and Stokes q/u",
         description="Reduce FITS frames. For each <stem>.fits, OUTDIR receives <stem>_spots.ecsv, "
-                    "<stem>_stokes.ecsv, <stem>_rejected.reg and <stem>_clean.fits. Inputs may be "
-                    "files, globs, folders or @list.txt files. Exit status: 0 all frames reduced, "
-                    "1 some frames failed (listed in OUTDIR/failures.ecsv), 2 usage error.")
+                    "<stem>_stokes.ecsv, <stem>_rejected.reg and <stem>_clean.fits, and the night "
+                    "summary.ecsv and stokes_all.ecsv. Inputs may be files, globs, folders or "
+                    "@list.txt files. A rerun skips frames whose products all exist (--overwrite "
+                    "redoes them), for one frame as for many. Exit status: 0 every frame reduced "
+                    "or skipped; 1 some inputs failed (missing, unmatched pattern, not a usable "
+                    "FITS frame: listed in OUTDIR/failures.ecsv); 2 usage error (bad option, "
+                    "profile, --config file or output folder).")
     p.add_argument("inputs", nargs="+", metavar="FRAME", help="FITS frames, globs, folders or @list.txt")
     p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
-    _add_common_reduce_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace existing products")
     p.add_argument("--diagnostic", action="store_true", help="also write <stem>_diagnostic.png")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="local Dask worker processes for several frames (default: one per core)")
@@ -75,27 +125,22 @@ def _add_reduce(sub) -> None:
                    help="threads per local Dask worker (default: 1)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="use a running Dask scheduler (tcp://host:8786) instead of a local cluster")
-    talk = p.add_mutually_exclusive_group()
-    talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    talk.add_argument("-v", "--verbose", action="store_true",
-                      help="also every frame's result, the Dask dashboard address and worker events")
     p.set_defaults(func=_run_reduce)
 
 
 def _run_reduce(args) -> int:
     from .inputs import expand_inputs
 
-    _set_verbosity(args)
     # Cheap checks first: a bad command line is a usage error, found before anything
     # heavy (the network, a Dask cluster) loads; every frame is then checked before the
     # model loads (batch.reduce_file, batch.reduce_night).
     files = expand_inputs(args.inputs, strict=False)
 
     from .batch import reduce_file, reduce_night, write_night_products
-    from .config import PhotometryConfig
     from .instrument import ProfileError, load_profile
     from .io import OutputError, check_writable
 
+    config = _reduction_config(args)
     try:
         profile = load_profile(args.profile)
         check_writable(args.outdir)
@@ -109,9 +154,8 @@ def _run_reduce(args) -> int:
             get_classifier(args.model)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
-    options = dict(profile=profile, threshold=args.threshold, uncertain_band=args.uncertain_band,
-                   overwrite=args.overwrite, diagnostic=args.diagnostic,
-                   config=PhotometryConfig(method=args.photometry))
+    options = dict(profile=profile, config=config, overwrite=args.overwrite,
+                   diagnostic=args.diagnostic)
     if len(files) == 1 and not args.scheduler:
         # One frame: no cluster to start; the frame is read before the model loads.
         outcomes = [reduce_file(files[0], args.outdir, classifier=classifier, **options)]
@@ -149,7 +193,8 @@ def _set_verbosity(args) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", help="simulate a RoboPol frame with artifacts, reduce it and report",
+        "demo", parents=[_TALK],
+        help="simulate a RoboPol frame with artifacts, reduce it and report",
         description="Simulate a RoboPol frame with reflection artifacts (no download needed), "
                     "reduce it, write every product plus a diagnostic PNG into OUTDIR, and "
                     "compare with the simulation's truth. The demo folder is overwritten.")
@@ -176,20 +221,18 @@ def _run_demo(args) -> int:
 
 def _add_simulate(sub) -> None:
     p = sub.add_parser(
-        "simulate", help="simulate frames with reflection artifacts and truth tables",
+        "simulate", parents=[_PROFILE, _OVERWRITE, _TALK],
+        help="simulate frames with reflection artifacts and truth tables",
         description="Write N simulated frames OUTDIR/sim_0000.fits ... with their truth tables "
                     "sim_0000_stars.ecsv, sim_0000_spots.ecsv and sim_0000_artifacts.ecsv. "
                     "The same seed gives the same frames.")
     p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
     p.add_argument("--n-frames", type=int, default=1, metavar="N", help="number of frames (default: 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="master seed (default: 0)")
-    p.add_argument("--profile", default="robopol", metavar="P",
-                   help="instrument profile: a shipped name or a TOML file (default: robopol)")
     p.add_argument("--n-stars", type=int, default=None, metavar="N",
                    help="stars per frame (default: drawn, 150-900 per full detector)")
     p.add_argument("--size", type=int, default=None, metavar="NX",
                    help="simulate an NX x NX corner of the detector (default: the whole detector)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=_run_simulate)
 
 
@@ -232,7 +275,8 @@ def _run_simulate(args) -> int:
 
 def _add_label(sub) -> None:
     p = sub.add_parser(
-        "label", help="write a starting DS9 region file for labelling a frame by hand",
+        "label", parents=[_PROFILE, _REDUCTION, _OVERWRITE, _TALK],
+        help="write a starting DS9 region file for labelling a frame by hand",
         description="Reduce FRAME and write every detected spot as a DS9 region coloured by the "
                     "current decision (red = artifact, orange = uncertain, green = star) and "
                     "labelled with p_artifact. Correct the colours in DS9 (red for artifacts, "
@@ -241,8 +285,6 @@ def _add_label(sub) -> None:
     p.add_argument("frame", help="FITS frame")
     p.add_argument("-o", "--output", default=None,
                    help="region file to write (default: <stem>_labels.reg beside the frame)")
-    _add_common_reduce_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing region file")
     p.set_defaults(func=_run_label)
 
 
@@ -250,7 +292,7 @@ def _run_label(args) -> int:
     from .batch import stem_of
     from .instrument import ProfileError, load_profile
     from .io import FrameError, read_frame
-    from .pipeline import DEFAULT_THRESHOLD, DEFAULT_UNCERTAIN_BAND, reduce_frame
+    from .pipeline import reduce_frame
     from .regions_io import spots_to_regions, write_regions
 
     output = Path(args.output or Path(args.frame).with_name(f"{stem_of(args.frame)}_labels.reg"))
@@ -260,8 +302,7 @@ def _run_label(args) -> int:
         profile = load_profile(args.profile)
         result = reduce_frame(read_frame(args.frame, profile), profile=profile,
                               classifier=args.model or args.classifier,
-                              threshold=args.threshold or DEFAULT_THRESHOLD,
-                              uncertain_band=args.uncertain_band or DEFAULT_UNCERTAIN_BAND,
+                              config=_reduction_config(args),
                               name=Path(args.frame).name)
     except (FrameError, ProfileError) as exc:
         raise CLIError(str(exc)) from None
@@ -279,16 +320,6 @@ def _run_label(args) -> int:
 
 
 
-def _add_data_options(p: argparse.ArgumentParser, default_frames: int) -> None:
-    p.add_argument("--sim-frames", type=int, default=default_frames, metavar="N",
-                   help=f"simulated 1024 x 1024 frames to label from truth (default: {default_frames})")
-    p.add_argument("--seed", type=int, default=0, help="seed of simulation, split and training (default: 0)")
-    p.add_argument("--ds9", nargs=2, action="append", default=[], metavar=("FRAME", "REGIONS"),
-                   help="a real frame and its DS9 labels (red regions = artifacts, green = stars; "
-                        "see 'robopol-clean label'); repeatable")
-    p.add_argument("--profile", default="robopol", metavar="P", help="instrument profile (default: robopol)")
-
-
 def _labelled_data(args, *, seed_offset: int = 0):
     """Cutouts from simulated frames and DS9-labelled real frames, as one dataset."""
     from .instrument import ProfileError, load_profile
@@ -300,6 +331,8 @@ def _labelled_data(args, *, seed_offset: int = 0):
     except ProfileError as exc:
         raise CLIError(str(exc)) from None
     parts = []
+    if args.sim_frames is None:
+        args.sim_frames = 240 if args.command == "train" else 20
     if args.sim_frames > 0:
         log.info("simulating and detecting %d frames (seed %d)...", args.sim_frames, args.seed + seed_offset)
         parts.append(cutout_dataset_from_simulation(args.sim_frames, args.seed + seed_offset, profile))
@@ -319,7 +352,8 @@ def _labelled_data(args, *, seed_offset: int = 0):
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train or fine-tune the artifact CNN on simulated and DS9-labelled frames",
+        "train", parents=[_DATA, _PROFILE, _OVERWRITE, _TALK],
+        help="train or fine-tune the artifact CNN on simulated and DS9-labelled frames",
         description="Train the artifact CNN (seeded, validation split by frame, early stopping) and "
                     "write OUTDIR/<name>.keras, OUTDIR/<name>.json (normalisation, data, metrics, "
                     "threshold) and a report folder of figures (loss curves, ROC, confusion matrix, "
@@ -327,7 +361,6 @@ def _add_train(sub) -> None:
                     "'robopol-clean train -o robopol_clean/data --sim-frames 240'.")
     p.add_argument("-o", "--outdir", required=True, help="where the model and its report go")
     p.add_argument("--name", default="robopol_cnn", help="model name (default: robopol_cnn)")
-    _add_data_options(p, 240)
     p.add_argument("--variant", choices=["3conv", "4conv"], default="3conv", help="architecture")
     p.add_argument("--epochs", type=int, default=40, help="maximum epochs (early stopping; default 40)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
@@ -335,7 +368,6 @@ def _add_train(sub) -> None:
     p.add_argument("--train-conv", action="store_true",
                    help="with --init-from: also retrain the convolutional layers (default: only the "
                         "dense head is trained: transfer learning)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model of that name")
     p.set_defaults(func=_run_train)
 
 
@@ -362,12 +394,12 @@ def _run_train(args) -> int:
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="evaluate a model on labelled data (metrics and report figures)",
+        "evaluate", parents=[_DATA, _PROFILE, _TALK],
+        help="evaluate a model on labelled data (metrics and report figures)",
         description="Score labelled cutouts (fresh simulated frames and/or DS9-labelled real frames) "
                     "with a model and write metrics.json plus the report figures into OUTDIR.")
     p.add_argument("--model", default="default", help="a .keras file, or 'default' (the shipped model)")
     p.add_argument("-o", "--outdir", required=True, help="report folder")
-    _add_data_options(p, 20)
     p.set_defaults(func=_run_evaluate)
 
 
@@ -440,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").handlers[:] = [_one_line_warnings()]
     logging.getLogger("py.warnings").propagate = False
+    _set_verbosity(args)
     try:
         return int(args.func(args) or EXIT_OK)
     except CLIError as exc:

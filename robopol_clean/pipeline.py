@@ -8,6 +8,7 @@ catalogue; :func:`clean_artifacts` is the same thing as a ccdproc-style step
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from scipy.spatial import cKDTree
 
 from ._version_info import __commit__, __version__
 from .classify import FrameScene, SpotClassifier, decide
-from .config import PhotometryConfig
+from .config import PhotometryConfig, ReductionConfig, as_reduction_config
 from .detection import detect_spots, estimate_background, saturation_level
 from .grouping import group_quadruplets
 from .instrument import InstrumentProfile, load_profile
@@ -37,9 +38,9 @@ __all__ = ["FrameResult", "reduce_frame", "clean_artifacts", "get_classifier", "
 log = logging.getLogger(__name__)
 
 #: Spots with p_artifact at or above this are rejected.
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = ReductionConfig.threshold
 #: Kept spots with p_artifact in this band are flagged ``uncertain``.
-DEFAULT_UNCERTAIN_BAND = (0.3, 0.5)
+DEFAULT_UNCERTAIN_BAND = ReductionConfig.uncertain_band
 
 
 _SCORE_DESCRIPTIONS = {
@@ -125,88 +126,53 @@ def reduce_frame(
     *,
     profile: str | InstrumentProfile = "robopol",
     classifier: str | SpotClassifier | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    uncertain_band: tuple[float, float] | None = DEFAULT_UNCERTAIN_BAND,
-    detection_threshold: float = 5.0,
-    name: str = "frame",
+    config: ReductionConfig | PhotometryConfig | str | os.PathLike | None = None,
+    threshold: float | None = None,
+    uncertain_band: tuple[float, float] | None | str = "config",
+    detection_threshold: float | None = None,
     photometry: str | None = None,
-    config: PhotometryConfig | None = None,
+    name: str = "frame",
 ) -> FrameResult:
     """Detect, group, score, mask, measure and compute Stokes parameters for one frame.
 
     Parameters
     ----------
     ccd : CCDData
-        The frame in ADU (bias-subtracted, flat-fielded). Not modified.
+        The frame, bias-subtracted and flat-fielded, in ADU or electrons. Not modified.
     profile : str or InstrumentProfile
         Instrument profile (name, file, or object).
     classifier : str, SpotClassifier or None
         ``"cnn"`` (default), ``"morphology"``, or an instance (reuse one across frames).
-    threshold : float
-        Spots with ``p_artifact >= threshold`` are rejected and masked.
-    uncertain_band : (float, float) or None
-        Kept spots with a score in this band are flagged ``uncertain``.
-    detection_threshold : float
-        Detection threshold in units of the sky noise.
+    config : ReductionConfig, PhotometryConfig or path, optional
+        Every tunable of the reduction (:class:`~robopol_clean.config.ReductionConfig`;
+        a TOML file is read with :func:`~robopol_clean.config.load_config`; a
+        `~robopol_clean.config.PhotometryConfig` sets the photometry part). Recorded in
+        the catalogues' metadata and the ``RCLCFG`` keyword.
+    threshold, uncertain_band, detection_threshold, photometry
+        Shortcuts that override ``config.threshold``, ``config.uncertain_band``
+        (None: no band), ``config.detection_threshold`` and ``config.photometry.method``.
     name : str
         Name used in messages (usually the file name).
-    photometry : {"psf", "aperture"}, optional
-        Photometry method; overrides ``config.method``.
-    config : PhotometryConfig, optional
-        Photometry and quality-flag settings (defaults if omitted); recorded in the
-        catalogues' metadata.
 
     Returns
     -------
     FrameResult
     """
-    config = PhotometryConfig() if config is None else config
-    if photometry is not None:
-        config = replace(config, method=str(photometry).lower())
+    cfg = as_reduction_config(config).updated(threshold=threshold, photometry_method=photometry,
+                                              detection_threshold=detection_threshold)
+    if uncertain_band != "config":
+        cfg = replace(cfg, uncertain_band=uncertain_band)
+    config = cfg.photometry
+    threshold = cfg.threshold
     profile = load_profile(profile)
     clf = get_classifier(classifier)
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-
-    frame = frame_from_ccd(ccd, profile, name=name)
-    data = np.asarray(frame.data, np.float32)
-    profile = profile.for_region(*detector_origin(frame.meta), data.shape)
-    bad = None if frame.mask is None else np.asarray(frame.mask, bool)
-    gain = float(frame.meta["GAIN"])
-    read_noise = float(frame.meta["RDNOISE"])
-
-    with _timed(timings, "background"):
-        background, background_rms = estimate_background(data, mask=bad, profile=profile)
-    with _timed(timings, "detection"):
-        det = detect_spots(data, profile=profile, mask=bad, threshold=detection_threshold,
-                           background=background, background_rms=background_rms)
-    spots = det.spots
-    fwhm = float(spots.meta.get("fwhm", profile.fwhm)) if len(spots) else profile.fwhm
-    with _timed(timings, "grouping"):
-        grouping = group_quadruplets(spots, profile)
-    spots, groups = grouping.spots, grouping.groups
-
-    with _timed(timings, "classification"):
-        residual = data - background
-        if bad is not None:
-            residual = np.where(bad, np.float32(0.0), residual)
-        scene = FrameScene(residual, background, background_rms, spots, profile,
-                           grouping.geometry, fwhm, bad)
-        scores = clf.score(scene) if len(spots) else Table({"p_artifact": np.zeros(0)})
-        for col in scores.colnames:
-            spots[col] = np.asarray(scores[col], float)
-        rejected, uncertain = decide(spots["p_artifact"], threshold, uncertain_band)
-        spots["rejected"] = rejected
-        spots["uncertain"] = uncertain
-        for col, text in _SCORE_DESCRIPTIONS.items():
-            if col in spots.colnames:
-                spots[col].description = text
-
-    with _timed(timings, "masking"):
-        artifact_mask = footprint_mask(data.shape, det.segmentation,
-                                       np.asarray(spots["label"])[rejected])
+    sc = _scored_scene(ccd, profile, clf, cfg, name, timings)
+    data, bad, background, fwhm = sc.data, sc.bad, sc.background, sc.fwhm
+    spots, groups, artifact_mask, profile = sc.spots, sc.groups, sc.artifact_mask, sc.profile
+    gain = float(sc.frame.meta["GAIN"])
+    read_noise = float(sc.frame.meta["RDNOISE"])
 
     with _timed(timings, "photometry"):
         sat_level = saturation_level(data, profile)
@@ -214,7 +180,7 @@ def reduce_frame(
         psf_meta: dict = {}
         if config.method == "psf":
             spots, groups, psf_meta = _psf_photometry(
-                data, background, bad, spots, groups, grouping.geometry, profile, fwhm,
+                data, background, bad, spots, groups, sc.geometry, profile, fwhm,
                 artifact_mask, gain, read_noise, sat_level, config, timings)
         else:
             # The sky follows the mask transmission (its arm strips step across annuli),
@@ -222,7 +188,7 @@ def reduce_frame(
             phot = measure_spots(data, spots["x"], spots["y"], fwhm=fwhm, gain=gain,
                                  read_noise=read_noise, mask=bad, aperture_radius=radius,
                                  saturation=sat_level, sky_map=profile.transmission(data.shape),
-                                 segmentation=det.segmentation, labels=spots["label"])
+                                 segmentation=sc.segmentation, labels=spots["label"])
             _merge_photometry(spots, phot)
         # The two analyser pairs of a source must add up to a smooth instrumental ratio:
         # a group that breaks it holds light the photometry could not separate.
@@ -249,32 +215,15 @@ def reduce_frame(
         groups["clean"].description = ("complete quadruplet with no rejected spot and "
                                        "flags == 0: a clean Stokes measurement")
 
-    out = ccd.copy()
-    out.mask = combine_masks(None if ccd.mask is None else np.asarray(ccd.mask, bool), artifact_mask)
-    if frame.mask is not None and out.mask is not None:
-        out.mask = out.mask | np.asarray(frame.mask, bool)
+    out = _masked_copy(ccd, sc)
     meta = {
-        "frame": name,
-        "version": __version__,
-        "commit": __commit__,
-        "profile": profile.name,
-        "classifier": clf.describe(),
-        "threshold": float(threshold),
-        "uncertain_band": None if uncertain_band is None else list(uncertain_band),
-        "fwhm": fwhm,
+        **_scene_meta(sc, clf, cfg, name),
         "aperture_radius": float(radius),
-        "geometry_shift": groups.meta.get("shift"),
-        "geometry_rms": groups.meta.get("rms"),
         "n_spots": int(np.count_nonzero(~added_by_photometry(spots))),
         "n_predicted": int(np.count_nonzero(added_by_photometry(spots))),
-        "n_rejected": int(np.count_nonzero(spots["rejected"])),
-        "n_uncertain": int(np.count_nonzero(spots["uncertain"])),
-        "n_quadruplets": int(np.count_nonzero(groups["complete"])) if len(groups) else 0,
         "n_stokes": len(stokes),
         "n_clean": int(np.count_nonzero(np.asarray(stokes["flags"]) == 0)),
         "photometry": config.method,
-        "photometry_config": config.non_default(),
-        "photometry_config_hash": config.digest(),
         **psf_meta,
         "timings": timings,
     }
@@ -285,8 +234,8 @@ def reduce_frame(
                            "robopol_clean_commit": __commit__,
                            "profile": profile.name, "classifier": clf.name,
                            "threshold": float(threshold), "photometry": config.method,
-                           "photometry_config": config.non_default(),
-                           "photometry_config_hash": config.digest(), **psf_meta})
+                           "config": cfg.non_default(), "config_hash": cfg.digest(),
+                           **psf_meta})
     log.debug("%s: %d spots, %d rejected, %d clean quadruplets", name, meta["n_spots"],
               meta["n_rejected"], meta["n_clean"])
     return FrameResult(out, spots, groups, stokes, artifact_mask, meta)
@@ -294,38 +243,158 @@ def reduce_frame(
 
 def clean_artifacts(ccd: CCDData, *, profile: str | InstrumentProfile = "robopol",
                     classifier: str | SpotClassifier | None = None,
-                    threshold: float = DEFAULT_THRESHOLD, add_keyword: bool = True) -> CCDData:
+                    config: ReductionConfig | str | os.PathLike | None = None,
+                    threshold: float | None = None, add_keyword=True) -> CCDData:
     """Mask reflection artifacts in a frame: a ccdproc-style reduction step.
+
+    Only what the mask needs runs: background, detection, grouping and the classifier
+    (no photometry, no Stokes parameters; use :func:`reduce_frame` for those).
+    Non-finite pixels of the input are OR-ed into the mask too.
 
     Parameters
     ----------
     ccd : CCDData
-        Frame in ADU after bias subtraction and flat-fielding. Not modified.
-    profile, classifier, threshold
+        Frame in ADU or electrons after bias subtraction and flat-fielding. Not modified.
+    profile, classifier, config, threshold
         As for :func:`reduce_frame`.
-    add_keyword : bool
-        Write the provenance keywords (``RCL*``) into the header.
+    add_keyword : bool, str, `~ccdproc.Keyword` or dict
+        As ccdproc's steps take it: True writes the provenance keywords (``RCL*``);
+        False or None writes none; a name, a ``Keyword`` or a ``{name: value}`` dict
+        adds that keyword (the value of a bare name is ``"clean_artifacts"``) besides
+        the ``RCL*`` ones.
 
     Returns
     -------
     CCDData
-        A new frame whose mask is the input mask OR-ed with the artifact footprints.
+        A new frame, in the input's unit, whose mask is the input mask OR-ed with the
+        artifact footprints.
 
     Examples
     --------
     >>> from robopol_clean import clean_artifacts
     >>> from robopol_clean.simulate import simulate_frame
     >>> raw = simulate_frame("robopol", seed=1, shape=(512, 512), n_stars=30).ccd
-    >>> cleaned = clean_artifacts(raw, classifier="morphology")
-    >>> cleaned.header["RCLCLASS"]
-    'morphology'
+    >>> cleaned = clean_artifacts(raw, classifier="morphology", add_keyword={"MASKED": True})
+    >>> cleaned.header["RCLCLASS"], cleaned.header["MASKED"]
+    ('morphology', True)
     """
-    result = reduce_frame(ccd, profile=profile, classifier=classifier, threshold=threshold)
-    out = result.ccd
-    if not add_keyword:
-        for key in [k for k in out.meta if str(k).startswith("RCL")]:
-            del out.meta[key]
+    cfg = as_reduction_config(config).updated(threshold=threshold)
+    clf = get_classifier(classifier)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    sc = _scored_scene(ccd, load_profile(profile), clf, cfg, "frame", timings)
+    out = _masked_copy(ccd, sc)
+    timings["total"] = time.perf_counter() - t_start
+    if add_keyword:
+        _write_provenance(out, {**_scene_meta(sc, clf, cfg, "frame"),
+                                "n_spots": len(sc.spots), "timings": timings})
+    _add_keywords(out.meta, add_keyword)
     return out
+
+
+def _add_keywords(meta, add_keyword) -> None:
+    """ccdproc's ``add_keyword`` forms: bool, a name, a Keyword or a dict of them."""
+    if add_keyword is None or isinstance(add_keyword, bool):
+        return
+    if isinstance(add_keyword, str):
+        meta[add_keyword] = "clean_artifacts"
+    elif isinstance(add_keyword, dict):
+        for key, value in add_keyword.items():
+            meta[key] = value
+    elif hasattr(add_keyword, "name") and hasattr(add_keyword, "value"):  # ccdproc.Keyword
+        meta[add_keyword.name] = add_keyword.value
+    else:
+        raise TypeError(f"add_keyword must be a bool, str, dict or ccdproc.Keyword, "
+                        f"got {type(add_keyword).__name__}")
+
+
+@dataclass
+class _Scene:
+    """A frame after detection, grouping, scoring and masking (what the mask needs)."""
+
+    frame: CCDData
+    profile: InstrumentProfile
+    data: np.ndarray
+    bad: np.ndarray | None
+    background: np.ndarray
+    segmentation: np.ndarray
+    spots: Table
+    groups: Table
+    geometry: object
+    fwhm: float
+    artifact_mask: np.ndarray
+
+
+def _scored_scene(ccd: CCDData, profile: InstrumentProfile, clf: SpotClassifier,
+                  cfg: ReductionConfig, name: str, timings: dict) -> _Scene:
+    frame = frame_from_ccd(ccd, profile, name=name)
+    data = np.asarray(frame.data, np.float32)
+    profile = profile.for_region(*detector_origin(frame.meta), data.shape)
+    bad = None if frame.mask is None else np.asarray(frame.mask, bool)
+
+    with _timed(timings, "background"):
+        background, background_rms = estimate_background(data, mask=bad, profile=profile)
+    with _timed(timings, "detection"):
+        det = detect_spots(data, profile=profile, mask=bad, threshold=cfg.detection_threshold,
+                           background=background, background_rms=background_rms)
+    spots = det.spots
+    fwhm = float(spots.meta.get("fwhm", profile.fwhm)) if len(spots) else profile.fwhm
+    with _timed(timings, "grouping"):
+        grouping = group_quadruplets(spots, profile)
+    spots, groups = grouping.spots, grouping.groups
+
+    with _timed(timings, "classification"):
+        residual = data - background
+        if bad is not None:
+            residual = np.where(bad, np.float32(0.0), residual)
+        scene = FrameScene(residual, background, background_rms, spots, profile,
+                           grouping.geometry, fwhm, bad)
+        scores = clf.score(scene) if len(spots) else Table({"p_artifact": np.zeros(0)})
+        for col in scores.colnames:
+            spots[col] = np.asarray(scores[col], float)
+        rejected, uncertain = decide(spots["p_artifact"], cfg.threshold, cfg.uncertain_band)
+        spots["rejected"] = rejected
+        spots["uncertain"] = uncertain
+        for col, text in _SCORE_DESCRIPTIONS.items():
+            if col in spots.colnames:
+                spots[col].description = text
+
+    with _timed(timings, "masking"):
+        artifact_mask = footprint_mask(data.shape, det.segmentation,
+                                       np.asarray(spots["label"])[rejected])
+    return _Scene(frame, profile, data, bad, background, det.segmentation, spots, groups,
+                  grouping.geometry, fwhm, artifact_mask)
+
+
+def _masked_copy(ccd: CCDData, sc: _Scene) -> CCDData:
+    """The input frame (its unit and data) with the artifact and unusable pixels OR-ed into its mask."""
+    out = ccd.copy()
+    out.mask = combine_masks(None if ccd.mask is None else np.asarray(ccd.mask, bool),
+                             sc.artifact_mask)
+    if sc.bad is not None:
+        out.mask = sc.bad if out.mask is None else out.mask | sc.bad
+    return out
+
+
+def _scene_meta(sc: _Scene, clf: SpotClassifier, cfg: ReductionConfig, name: str) -> dict:
+    spots, groups = sc.spots, sc.groups
+    return {
+        "frame": name,
+        "version": __version__,
+        "commit": __commit__,
+        "profile": sc.profile.name,
+        "classifier": clf.describe(),
+        "threshold": float(cfg.threshold),
+        "uncertain_band": None if cfg.uncertain_band is None else list(cfg.uncertain_band),
+        "fwhm": sc.fwhm,
+        "geometry_shift": groups.meta.get("shift"),
+        "geometry_rms": groups.meta.get("rms"),
+        "n_rejected": int(np.count_nonzero(spots["rejected"])),
+        "n_uncertain": int(np.count_nonzero(spots["uncertain"])),
+        "n_quadruplets": int(np.count_nonzero(groups["complete"])) if len(groups) else 0,
+        "config": cfg.non_default(),
+        "config_hash": cfg.digest(),
+    }
 
 
 def added_by_photometry(spots: Table) -> np.ndarray:
@@ -553,11 +622,15 @@ def _write_provenance(ccd: CCDData, meta: dict) -> None:
     h["RCLNREJ"] = (meta["n_rejected"], "spots rejected as artifacts")
     h["RCLNUNC"] = (meta["n_uncertain"], "spots flagged uncertain")
     h["RCLNQUAD"] = (meta["n_quadruplets"], "complete four-spot groups")
-    h["RCLNSTK"] = (meta["n_stokes"], "quadruplets with Stokes q, u (any flags)")
-    h["RCLNCLN"] = (meta["n_clean"], "clean quadruplets: Stokes rows with flags == 0")
+    if "n_stokes" in meta:  # a full reduction, not the mask-only clean_artifacts
+        h["RCLNSTK"] = (meta["n_stokes"], "quadruplets with Stokes q, u (any flags)")
+        h["RCLNCLN"] = (meta["n_clean"], "clean quadruplets: Stokes rows with flags == 0")
+        h["RCLPHOT"] = (meta["photometry"], "photometry method")
     h["RCLFWHM"] = (round(meta["fwhm"], 3), "[pix] stellar FWHM measured")
-    h["RCLPHOT"] = (meta["photometry"], "photometry method")
-    h["RCLCFG"] = (meta["photometry_config_hash"], "hash of the photometry settings")
+    h["RCLCFG"] = (meta["config_hash"], "hash of the reduction configuration")
+    if hasattr(h, "add_history"):  # a FITS header (a plain dict meta has no HISTORY)
+        for key, value in meta["config"].items():  # what differs from the defaults, readable
+            h.add_history(f"robopol-clean config: {key} = {value}")
     if "psf_fwhm" in meta:
         h["RCLPSFW"] = (meta["psf_fwhm"], "[pix] PSF FWHM (geometric mean)")
         h["RCLPSFE"] = (meta["psf_ellipticity"], "PSF ellipticity 1 - b/a")

@@ -129,3 +129,19 @@ def test_console_script_runs():
     cmd = [exe] if exe else [sys.executable, "-m", "robopol_clean.cli"]
     done = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=True)
     assert "robopol-clean" in done.stdout
+
+
+def test_config_file_is_applied_and_recorded(small_fits, tmp_path, capsys):
+    cfg = tmp_path / "night.toml"
+    cfg.write_text('threshold = 0.7\n[photometry]\nmethod = "aperture"\n')
+    out = tmp_path / "out"
+    assert _reduce(small_fits, "-o", out, "--config", cfg, "--threshold", "0.6") == EXIT_OK
+    stokes = Table.read(out / "small_stokes.ecsv")
+    assert stokes.meta["config"] == {"threshold": 0.6, "photometry.method": "aperture"}
+    with fits.open(out / "small_clean.fits") as hdul:
+        header = hdul[0].header
+        assert header["RCLCFG"] == stokes.meta["config_hash"] and header["RCLTHRES"] == 0.6
+        assert "robopol-clean config: photometry.method = aperture" in str(header["HISTORY"])
+    cfg.write_text("threshold = 2\n")
+    assert _reduce(small_fits, "-o", tmp_path / "o2", "--config", cfg) == EXIT_USAGE
+    assert "night.toml: threshold must be in (0, 1]" in capsys.readouterr().err

@@ -289,8 +289,8 @@ def test_recovered_and_forced_spots(small_sim, profile, morphology, base):
     assert np.all(snr >= PhotometryConfig().recover_snr)
     strict = reduce_frame(small_sim.ccd, profile=profile, classifier=morphology,
                           config=PhotometryConfig(recover_snr=1e6))
-    assert strict.meta["photometry_config"] == {"recover_snr": 1e6}
-    assert strict.meta["photometry_config_hash"] != base.meta["photometry_config_hash"]
+    assert strict.meta["config"] == {"photometry.recover_snr": 1e6}
+    assert strict.meta["config_hash"] != base.meta["config_hash"]
     ss = strict.spots
     assert not np.any(ss["recovered"])
     assert np.count_nonzero(ss["forced"]) == np.count_nonzero(s["forced"] | s["recovered"])

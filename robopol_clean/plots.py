@@ -22,8 +22,19 @@ def zscale_limits(data: np.ndarray, mask: np.ndarray | None = None) -> tuple[flo
     return ZScaleInterval().get_limits(sample)
 
 
-def plot_frame_diagnostic(result, path=None, *, ax=None, title: str | None = None):
-    """The frame with clean quadruplets marked and rejected spots circled.
+#: Zoom panels of the diagnostic figure (rejected spots, highest p_artifact first).
+N_ZOOM = 8
+#: Side of a zoom panel (pix).
+ZOOM_SIZE = 96
+
+
+def plot_frame_diagnostic(result, path=None, *, title: str | None = None, n_zoom: int = N_ZOOM,
+                          dpi: int = 150):
+    """The frame with clean quadruplets marked and rejected spots circled, plus zooms.
+
+    The frame is drawn at about one screen pixel per detector pixel for a 2048 x 2048
+    frame (``dpi`` 150), and up to ``n_zoom`` panels show the rejected spots with the
+    highest ``p_artifact`` at full resolution, labelled with their score.
 
     Parameters
     ----------
@@ -31,59 +42,92 @@ def plot_frame_diagnostic(result, path=None, *, ax=None, title: str | None = Non
         A reduced frame (see `robopol_clean.pipeline.reduce_frame`).
     path : path-like, optional
         Where to save a PNG; the figure is returned either way.
-    ax : matplotlib Axes, optional
-        Draw into an existing Axes.
     title : str, optional
         Figure title (default: frame name and counts).
-    """
-    import matplotlib
+    n_zoom : int
+        Zoom panels (0: the frame only).
+    dpi : int
+        Resolution of the saved PNG.
 
-    if ax is None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import EllipseCollection
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
 
     data = np.asarray(result.ccd.data, float)
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(8, 8), dpi=110)
-    else:
-        fig = ax.figure
-    vmin, vmax = zscale_limits(data)
-    ax.imshow(data, origin="lower", cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-    art = result.artifact_mask
-    if art is not None and art.any():
-        overlay = np.ma.masked_where(~art, np.ones_like(data))
-        ax.imshow(overlay, origin="lower", cmap="autumn", alpha=0.35, interpolation="nearest")
-    spots, stokes = result.spots, result.stokes
-    r = 2.5 * float(result.meta.get("fwhm", 4.0))
-
-    def circles(x, y, color, lw, size):
-        if len(x):
-            ax.add_collection(EllipseCollection(
-                np.full(len(x), 2 * size), np.full(len(x), 2 * size), np.zeros(len(x)),
-                units="xy", offsets=np.column_stack([x, y]), offset_transform=ax.transData,
-                facecolors="none", edgecolors=color, linewidths=lw))
-
-    if len(stokes):
-        ax.plot(stokes["x"], stokes["y"], "+", color="lime", ms=7, mew=1.0, label="clean quadruplet")
-    if len(spots):
-        rej = np.asarray(spots["rejected"], bool)
-        unc = np.asarray(spots["uncertain"], bool)
-        circles(np.asarray(spots["x"])[rej], np.asarray(spots["y"])[rej], "red", 1.3, r)
-        circles(np.asarray(spots["x"])[unc], np.asarray(spots["y"])[unc], "orange", 1.0, r)
-        ax.plot([], [], "o", mfc="none", mec="red", label="rejected (artifact)")
-        ax.plot([], [], "o", mfc="none", mec="orange", label="uncertain")
-    ax.set_xlim(-0.5, data.shape[1] - 0.5)
-    ax.set_ylim(-0.5, data.shape[0] - 0.5)
-    ax.set_xlabel("x [pix]")
-    ax.set_ylabel("y [pix]")
+    spots = result.spots
+    rej = np.asarray(spots["rejected"], bool) if len(spots) else np.zeros(0, bool)
+    order = np.argsort(-np.asarray(spots["p_artifact"], float)[rej], kind="stable") if rej.any() else []
+    zoom = np.flatnonzero(rej)[order][:max(0, int(n_zoom))] if rej.any() else np.zeros(0, int)
+    cols = 2 if len(zoom) else 0
+    rows = max(1, int(np.ceil(len(zoom) / 2)))
+    side = 14.0  # in: ~2048 screen px at dpi 150
+    fig = Figure(figsize=(side + 3.4 * cols, side), dpi=dpi)
+    grid = fig.add_gridspec(max(rows, 4), 1 + cols, width_ratios=[side] + [3.4] * cols,
+                            wspace=0.1, hspace=0.2)
+    ax = fig.add_subplot(grid[:, 0])
+    vmin, vmax = zscale_limits(data, result.ccd.mask)
+    _draw_frame(ax, result, data, vmin, vmax, legend=True)
     m = result.meta
     ax.set_title(title or f"{m.get('frame', '')}: {m['n_spots']} spots, {m['n_rejected']} rejected, "
-                          f"{m['n_clean']} clean quadruplets", fontsize=10)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.7)
+                          f"{m['n_clean']} clean quadruplets", fontsize=11)
+    half = ZOOM_SIZE // 2
+    for k, i in enumerate(zoom):
+        z = fig.add_subplot(grid[k // 2, 1 + k % 2])
+        x, y = float(spots["x"][i]), float(spots["y"][i])
+        x0, y0 = max(0, int(x) - half), max(0, int(y) - half)
+        _draw_frame(z, result, data, vmin, vmax, legend=False,
+                    window=(slice(y0, int(y) + half), slice(x0, int(x) + half)))
+        z.set_xticks([])
+        z.set_yticks([])
+        z.set_title(f"({x:.0f}, {y:.0f}) p={float(spots['p_artifact'][i]):.2f}", fontsize=8)
     if path is not None:
         fig.savefig(path, bbox_inches="tight")
     return fig
+
+
+def _draw_frame(ax, result, data, vmin, vmax, *, legend: bool, window=None) -> None:
+    """The image (or a ``window`` of it), the artifact mask, clean quadruplets (+),
+    rejected (red) and uncertain (orange) spots."""
+    from matplotlib.collections import EllipseCollection
+
+    wy, wx = window or (slice(0, data.shape[0]), slice(0, data.shape[1]))
+    extent = (wx.start - 0.5, wx.start + data[wy, wx].shape[1] - 0.5,
+              wy.start - 0.5, wy.start + data[wy, wx].shape[0] - 0.5)
+    ax.imshow(data[wy, wx], origin="lower", cmap="gray", vmin=vmin, vmax=vmax,
+              interpolation="nearest", extent=extent)
+    art = result.artifact_mask
+    if art is not None and art[wy, wx].any():
+        overlay = np.ma.masked_where(~art[wy, wx], np.ones(art[wy, wx].shape))
+        ax.imshow(overlay, origin="lower", cmap="autumn", alpha=0.35, interpolation="nearest",
+                  extent=extent)
+    spots, stokes = result.spots, result.stokes
+    r = 2.5 * float(result.meta.get("fwhm", 4.0))
+
+    def circles(sel, color, lw):
+        if sel.any():
+            x, y = np.asarray(spots["x"])[sel], np.asarray(spots["y"])[sel]
+            ax.add_collection(EllipseCollection(
+                np.full(len(x), 2 * r), np.full(len(x), 2 * r), np.zeros(len(x)), units="xy",
+                offsets=np.column_stack([x, y]), offset_transform=ax.transData,
+                facecolors="none", edgecolors=color, linewidths=lw))
+
+    if len(stokes):
+        clean = np.asarray(stokes["flags"]) == 0 if "flags" in stokes.colnames else np.ones(len(stokes), bool)
+        ax.plot(stokes["x"][clean], stokes["y"][clean], "+", color="lime", ms=7, mew=1.0,
+                label="clean quadruplet")
+    if len(spots):
+        circles(np.asarray(spots["rejected"], bool), "red", 1.3)
+        circles(np.asarray(spots["uncertain"], bool), "orange", 1.0)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    if legend:
+        ax.plot([], [], "o", mfc="none", mec="red", label="rejected (artifact)")
+        ax.plot([], [], "o", mfc="none", mec="orange", label="uncertain")
+        ax.set_xlabel("x [pix]")
+        ax.set_ylabel("y [pix]")
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.7)
 
 
 def plot_night_report(p_artifact, snr, frames, rejection_rates, path=None):
@@ -125,8 +169,12 @@ def plot_night_report(p_artifact, snr, frames, rejection_rates, path=None):
     axes[1].set_yscale("log")
     axes[1].set_xlabel("peak S/N (sigma above the sky noise floor)")
     axes[1].legend(fontsize=8)
-    axes[2].plot(np.arange(len(rejection_rates)), 100 * np.asarray(rejection_rates), "o-", ms=3)
-    axes[2].set_xlabel("frame index")
+    index = np.arange(len(rejection_rates))
+    axes[2].plot(index, 100 * np.asarray(rejection_rates), "o-", ms=3)
+    step = max(1, int(np.ceil(len(frames) / 25)))  # at most ~25 readable names
+    axes[2].set_xticks(index[::step], [str(f) for f in frames][::step], rotation=60, ha="right",
+                       fontsize=7)
+    axes[2].set_xlabel("frame")
     axes[2].set_ylabel("rejected spots [%]")
     fig.tight_layout()
     if path is not None:

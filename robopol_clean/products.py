@@ -95,16 +95,11 @@ def write_products(result, outdir: str | os.PathLike, stem: str, *, overwrite: b
     write_regions(regions, paths["regions"], overwrite=overwrite)
     write_atomic(paths["clean"], lambda p: _write_fits(result.ccd, p), overwrite=overwrite)
     if diagnostic:
-        import matplotlib.pyplot as plt
-
         from .plots import plot_frame_diagnostic
 
-        def _png(p):
-            fig = plot_frame_diagnostic(result)
-            fig.savefig(p, format="png", bbox_inches="tight")
-            plt.close(fig)
-
-        write_atomic(paths["diagnostic"], _png, overwrite=overwrite)
+        write_atomic(paths["diagnostic"],
+                     lambda p: plot_frame_diagnostic(result).savefig(p, format="png", bbox_inches="tight"),
+                     overwrite=overwrite)
     return paths
 
 

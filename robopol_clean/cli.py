@@ -224,7 +224,8 @@ def _add_simulate(sub) -> None:
         "simulate", parents=[_PROFILE, _OVERWRITE, _TALK],
         help="simulate frames with reflection artifacts and truth tables",
         description="Write N simulated frames OUTDIR/sim_0000.fits ... with their truth tables "
-                    "sim_0000_stars.ecsv, sim_0000_spots.ecsv and sim_0000_artifacts.ecsv. "
+                    "sim_0000_truth_stars.ecsv, sim_0000_truth_spots.ecsv and "
+                    "sim_0000_truth_artifacts.ecsv. "
                     "The same seed gives the same frames.")
     p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
     p.add_argument("--n-frames", type=int, default=1, metavar="N", help="number of frames (default: 1)")

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from .io import check_writable, write_atomic
-from .simulate import simulate_frame
+from .simulate import simulate_frame, truth_paths
 
 __all__ = ["run_demo", "compare_with_truth"]
 
@@ -111,10 +111,10 @@ def run_demo(outdir: str | Path = "robopol-demo", *, seed: int = 2026, n_stars: 
     stem = "demo_input"
     write_atomic(outdir / f"{stem}.fits", lambda p: sim.ccd.write(p, format="fits", overwrite=True),
                  overwrite=True)
-    for kind in ("stars", "spots", "artifacts"):
+    for kind, path in truth_paths(outdir, stem).items():
         table = getattr(sim, kind)
-        write_atomic(outdir / f"{stem}_truth_{kind}.ecsv",
-                     lambda p, t=table: t.write(p, format="ascii.ecsv", overwrite=True), overwrite=True)
+        write_atomic(path, lambda p, t=table: t.write(p, format="ascii.ecsv", overwrite=True),
+                     overwrite=True)
     t1 = time.perf_counter()
     result = reduce_frame(sim.ccd, profile="robopol", classifier=classifier, name=f"{stem}.fits")
     t_red = time.perf_counter() - t1

@@ -45,7 +45,8 @@ def test_night_on_local_cluster_with_corrupt_frame_and_resume(night, tmp_path):
     summary = Table.read(out / "summary.ecsv")
     assert len(summary) == 3 and (summary["n_clean"] > 0).all()
     stokes_all = Table.read(out / "stokes_all.ecsv")
-    assert len(stokes_all) == summary["n_clean"].sum() and "frame" in stokes_all.colnames
+    assert len(stokes_all) == summary["n_stokes"].sum() and "frame" in stokes_all.colnames
+    assert (stokes_all["flags"] == 0).sum() == summary["n_clean"].sum()
     failures = Table.read(out / "failures.ecsv")
     assert list(failures["file"]) == [str(night / "frame_corrupt.fits")]
     assert not list(out.glob("frame_corrupt*"))  # no partial products

@@ -1,5 +1,4 @@
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,8 @@ from astropy.table import Table
 
 from robopol_clean.cli import main
 from robopol_clean.instrument import load_profile
-from robopol_clean.simulate import frame_seeds, simulate_frame, simulate_frames
+from robopol_clean.products import PRODUCT_SUFFIXES, product_paths
+from robopol_clean.simulate import frame_seeds, simulate_frame, simulate_frames, truth_paths
 
 WALOP = Path(__file__).parent / "data" / "walop_like.toml"
 SMALL = (512, 512)
@@ -52,16 +52,16 @@ def test_header_and_types(robopol):
 
 
 def test_flux_conservation(robopol):
-    sim = simulate_frame(seed=3, shape=SMALL, n_stars=40, n_artifact_sources=3, n_cosmic_rays=3, n_donuts=2,
-                         noise=False, saturate=False)
+    sim = simulate_frame(seed=3, shape=SMALL, n_stars=40, n_artifact_sources=3, n_cosmic_rays=3,
+                         n_donuts=2, noise=False, saturate=False)
     g = robopol.gain
     image = sim.ccd.data.astype(np.float64).sum() * g
     sky = sim.sky.astype(np.float64).sum() * g
     sources = sim.spots["flux_in_frame"][sim.spots["kind"] != "donut"].sum()
     assert image == pytest.approx(sky + sources, rel=1e-5)
     # stamps lying wholly inside the frame deposit their full flux
-    inner = (sim.spots["x"] > 100) & (sim.spots["x"] < 400) & (sim.spots["y"] > 100) & (sim.spots["y"] < 400)
-    inner &= sim.spots["kind"] == "star"
+    x, y = sim.spots["x"], sim.spots["y"]
+    inner = (x > 100) & (x < 400) & (y > 100) & (y < 400) & (sim.spots["kind"] == "star")
     assert np.allclose(sim.spots["flux_in_frame"][inner], sim.spots["flux"][inner], rtol=1e-9)
     # star flux = sum of its spots
     star = sim.spots[sim.spots["star_id"] == 0]
@@ -85,8 +85,8 @@ def test_qu_convention_from_tables(robopol):
 
 def test_qu_recovered_from_image_apertures(robopol):
     sim = simulate_frame(seed=5, shape=SMALL, origin=(100, 100), n_stars=8, n_artifact_sources=0,
-                         n_cosmic_rays=0, n_donuts=0, noise=False, saturate=False, mag_range=(11.0, 13.0),
-                         max_polarization=0.1)
+                         n_cosmic_rays=0, n_donuts=0, noise=False, saturate=False,
+                         mag_range=(11.0, 13.0), max_polarization=0.1)
     data = sim.ccd.data.astype(np.float64) - sim.sky
     yy, xx = np.mgrid[: data.shape[0], : data.shape[1]]
     sx = np.array([sim.spots["x"]]).ravel()
@@ -117,7 +117,8 @@ def test_geometry(robopol):
         assert np.allclose(sim.stars[f"x_{ch}"], pos[ch][0], atol=1e-6)
         assert np.allclose(sim.stars[f"y_{ch}"], pos[ch][1], atol=1e-6)
     # pattern centre = mean of the spots
-    assert np.allclose(sim.stars["x"], np.mean([sim.stars[f"x_{c}"] for c in robopol.channels], axis=0))
+    spot_x = [sim.stars[f"x_{c}"] for c in robopol.channels]
+    assert np.allclose(sim.stars["x"], np.mean(spot_x, axis=0))
     jit = simulate_frame(seed=6, shape=SMALL, n_stars=30)
     pos = robopol.spot_positions(jit.stars["x"], jit.stars["y"])
     d = np.hypot(*(np.array([jit.stars[f"x_{c}"] - pos[c][0] for c in robopol.channels]),
@@ -140,7 +141,8 @@ def test_subregion_uses_detector_coordinates(robopol):
 
 
 def test_artifact_truth(robopol):
-    sim = simulate_frame(seed=8, shape=(1024, 1024), n_stars=60, n_artifact_sources=12, geometry_jitter=0.0)
+    sim = simulate_frame(seed=8, shape=(1024, 1024), n_stars=60, n_artifact_sources=12,
+                         geometry_jitter=0.0)
     art = sim.artifacts
     refl = art[np.isin(art["kind"], ["streak", "ghost"])]
     assert len(refl) >= 12
@@ -210,7 +212,8 @@ def test_second_profile():
 
 def test_simulate_frames_and_cli(tmp_path, capsys):
     out = tmp_path / "sims"
-    rc = main(["simulate", "-o", str(out), "--n-frames", "2", "--seed", "3", "--size", "256", "--n-stars", "12"])
+    rc = main(["simulate", "-o", str(out), "--n-frames", "2", "--seed", "3", "--size", "256",
+               "--n-stars", "12"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "sim_0001.fits" in printed
@@ -221,10 +224,12 @@ def test_simulate_frames_and_cli(tmp_path, capsys):
             hdr = hdul[0].header
         assert data.shape == (256, 256) and data.dtype.kind == "f" and data.dtype.itemsize == 4
         assert hdr["SIMSEED"] == frame_seeds(3, 2)[i]
-        for name in ("stars", "spots", "artifacts"):
-            t = Table.read(f"{stem}_{name}.ecsv", format="ascii.ecsv")
+        truth = truth_paths(out, stem.name)
+        assert truth["stars"].name == f"sim_{i:04d}_truth_stars.ecsv"
+        for name, path in truth.items():
+            t = Table.read(path, format="ascii.ecsv")
             assert len(t) >= (12 if name == "stars" else 0)
-        stars = Table.read(f"{stem}_stars.ecsv")
+        stars = Table.read(truth["stars"])
         assert stars["x"].unit == "pix"
         again = simulate_frame(seed=hdr["SIMSEED"], shape=(256, 256), n_stars=12)
         assert np.array_equal(again.ccd.data, data)
@@ -235,15 +240,30 @@ def test_simulate_frames_and_cli(tmp_path, capsys):
     simulate_frames(out, 1, 3, shape=(256, 256), n_stars=3, overwrite=True)
 
 
+def test_small_sim_has_reflections(small_sim):
+    """The shared small frame (conftest) keeps the reflections the pipeline tests score."""
+    art = small_sim.artifacts
+    refl = art[np.isin(art["kind"], ["streak", "ghost"]) & (art["x"] >= 0) & (art["x"] < 768)
+               & (art["y"] >= 0) & (art["y"] < 768)]
+    assert {"streak", "ghost"} <= set(refl["kind"]) and len(refl) >= 4
+    assert (refl["pair_id"] >= 0).any()
+
+
 def test_bad_shape():
     with pytest.raises(ValueError, match="too small"):
         simulate_frame(seed=1, shape=(8, 8))
 
 
-@pytest.mark.slow
-def test_full_frame_speed():
-    simulate_frame(seed=0, n_stars=50)  # warm up
-    t0 = time.perf_counter()
-    sim = simulate_frame(seed=1, n_stars=800, n_artifact_sources=4)
-    assert time.perf_counter() - t0 < 5.0
-    assert sim.ccd.shape == (2048, 2048)
+def test_truth_files_never_collide_with_reduce_products(tmp_path):
+    """Reducing into the simulation folder, even with --overwrite, cannot replace the truth."""
+    written = simulate_frames(tmp_path, 2, 5, shape=(64, 64), n_stars=2, prefix="night")
+    truth = {p for f in written for p in truth_paths(tmp_path, f.stem).values()}
+    assert truth == set(tmp_path.glob("*.ecsv"))
+    # the products of every frame written, and of a reduce's own <stem>_clean.fits fed back
+    stems = [f.stem for f in written] + [f"{f.stem}_clean" for f in written]
+    assert not truth & {p for s in stems for p in product_paths(tmp_path, s).values()}
+    # the only input whose products could clash, <stem>_truth.fits, is never written
+    for path in truth:
+        for suffix in PRODUCT_SUFFIXES.values():
+            if path.name.endswith(suffix):
+                assert not (tmp_path / f"{path.name.removesuffix(suffix)}.fits").exists()

@@ -1,0 +1,218 @@
+"""The frame: :class:`SimulatedFrame` and :func:`simulate_frame`, which runs the components.
+
+The frame's random generator is drawn from in a fixed order: the PSF, the sky, the star
+count, the geometry shifts, then the stars, reflections, donuts, cosmic rays and the
+noise. Reordering any draw changes every seeded frame, which tests and benchmarks rely on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from astropy.nddata import CCDData
+from astropy.table import Table
+
+from ..instrument import InstrumentProfile, load_profile
+from ._cosmic_rays import cosmic_rays
+from ._detector import read_out
+from ._donuts import add_donuts
+from ._reflections import add_reflections
+from ._sky import draw_sky, sky_image
+from ._stars import add_stars, draw_geometry, draw_psf, draw_star_count, max_spot_offset
+from ._truth import artifact_table, frame_header, spot_table, star_table, table_meta
+
+#: Instrumental magnitude of a source giving 1 electron per second over all its spots.
+ZERO_POINT = 23.1
+
+
+@dataclass
+class SimulatedFrame:
+    """One simulated frame and its truth.
+
+    Attributes
+    ----------
+    ccd : CCDData
+        The image in ADU (float32), bias-subtracted unless ``include_bias``; the header
+        has GAIN, RDNOISE, EXPTIME, SATURATE, SIMSEED and the drawn frame parameters.
+    stars : Table
+        One row per star (pattern): centre, per-channel spot positions, flux, mag, q, u.
+    spots : Table
+        One row per star spot and per artifact (the labels a classifier should learn).
+    artifacts : Table
+        One row per artifact: reflection streaks and ghosts, cosmic rays, dust donuts.
+    sky : ndarray
+        Noiseless sky (ADU, float32) including mask, vignetting and donuts.
+    params : dict
+        The frame-level parameters that were drawn (seeing, sky level, jitter, ...).
+    """
+
+    ccd: CCDData
+    stars: Table
+    spots: Table
+    artifacts: Table
+    sky: np.ndarray
+    params: dict = field(default_factory=dict)
+
+
+def simulate_frame(
+    profile: str | os.PathLike | InstrumentProfile = "robopol",
+    *,
+    seed: int,
+    n_stars: int | None = None,
+    shape: tuple[int, int] | None = None,
+    origin: tuple[int, int] = (0, 0),
+    fwhm: float | None = None,
+    beta: float | None = None,
+    ellipticity: float | None = None,
+    exptime: float = 120.0,
+    sky: float | None = None,
+    sky_range: tuple[float, float] = (30.0, 2000.0),
+    n_artifact_sources: int | None = None,
+    n_cosmic_rays: int | None = None,
+    n_donuts: int | None = None,
+    donut_contrast: tuple[float, float] = (0.01, 0.04),
+    donut_radius: tuple[float, float] = (5.0, 15.0),
+    donut_bright_fraction: float = 0.3,
+    target: Mapping[str, float] | bool | None = None,
+    include_bias: bool = False,
+    noise: bool = True,
+    saturate: bool = True,
+    geometry_jitter: float | Mapping[str, tuple[float, float]] | None = None,
+    mag_range: tuple[float, float] = (9.0, 19.5),
+    count_slope: float = 0.3,
+    zero_point: float = ZERO_POINT,
+    pair_ratio_slope: float = 0.85,
+    max_polarization: float = 0.04,
+) -> SimulatedFrame:
+    """Simulate one frame with truth tables.
+
+    Parameters
+    ----------
+    profile : str, path or InstrumentProfile
+        The instrument (``"robopol"`` by default).
+    seed : int
+        Seed of :func:`numpy.random.default_rng`; the same seed and arguments give an
+        identical frame and tables.
+    n_stars : int, optional
+        Number of field-star patterns whose centres fall in the frame (extended by the
+        spot offsets, so partial patterns at the edges occur). By default a full-detector
+        count is drawn uniformly in 150-900 and scaled by the frame's area.
+    shape : (ny, nx), optional
+        Image shape; the detector shape by default. A smaller frame is the detector
+        region starting at ``origin``.
+    origin : (x0, y0)
+        Detector pixel of image pixel (0, 0).
+    fwhm : float, optional
+        Seeing FWHM (px); drawn uniformly in ``profile.fwhm_range`` by default.
+    beta : float, optional
+        Moffat power; drawn in 2.5-4 by default.
+    ellipticity : float, optional
+        PSF ellipticity ``1 - b/a``; drawn in 0-0.12 by default.
+    exptime : float
+        Exposure time (s).
+    sky : float, optional
+        Open-sky level (electron/px); by default drawn log-uniformly in ``sky_range``
+        and scaled by ``exptime`` / 120 s.
+    sky_range : (low, high)
+        Range of the drawn sky level for 120 s (electron/px). The default spans dark
+        frames like J1428 (its 8-bit rendering implies only ~30-80 e-/px) up to bright
+        (moonlit) skies of ~2000 e-/px.
+    n_artifact_sources : int, optional
+        Number of reflection-artifact groups (an orphan pair or a single). By default
+        most frames get some (about 5-6 artifacts per affected full frame).
+    n_cosmic_rays, n_donuts : int, optional
+        Counts of cosmic-ray hits and dust donuts (drawn by default).
+    donut_contrast : (low, high)
+        Range of the donuts' ring amplitude as a fraction of the local sky (drawn
+        uniformly). The default 1-4 % mimics real flat-field residuals, which are
+        almost never detected as spots; e.g. ``(0.5, 2.0)`` makes bright rings that
+        are (for training a donut class).
+    donut_radius : (low, high)
+        Range of the ring radius (pix).
+    donut_bright_fraction : float
+        Fraction of donuts brighter than the sky (the others are darker).
+    target : dict, bool or None
+        The target at ``profile.target``: a dict with ``mag``, ``q``, ``u`` (missing
+        keys drawn), ``None`` for a drawn target, ``False`` for none.
+    include_bias : bool
+        Add the profile's bias level.
+    noise : bool
+        Add Poisson and read noise (``False``: the noiseless expectation).
+    saturate : bool
+        Clip at ``profile.saturation`` ADU.
+    geometry_jitter : float or dict, optional
+        Frame-to-frame change of the spot geometry: a dict ``{channel: (dx, dy)}`` of
+        constant offsets, or the size (px) of random per-channel shifts (drawn in
+        1-2.5 px by default; 0 for the nominal geometry). Shifts have zero mean so the
+        pattern centre stays the mean of the spots.
+    mag_range : (bright, faint)
+        Magnitude range of field stars.
+    count_slope : float
+        Slope of the number counts, dN/dm proportional to 10**(count_slope m).
+    zero_point : float
+        Magnitude of a source giving 1 e-/s (see :mod:`robopol_clean.simulate`).
+    pair_ratio_slope : float
+        The u-pair / q-pair light ratio is ``exp(pair_ratio_slope * xn)``.
+    max_polarization : float
+        Largest fractional polarization of field stars.
+
+    Returns
+    -------
+    SimulatedFrame
+    """
+    prof = load_profile(profile)
+    rng = np.random.default_rng(seed)
+    ny, nx = shape = tuple(int(n) for n in (shape if shape is not None else prof.shape))
+    if ny < 16 or nx < 16:
+        raise ValueError(f"simulated frame shape {(ny, nx)} is too small (need at least 16 x 16)")
+    origin = tuple(int(v) for v in origin)
+    det_ny, det_nx = prof.shape
+    area_frac = min(1.0, (nx * ny) / float(det_nx * det_ny))
+
+    # frame-level draws, then the components, in the seed's fixed order (module docstring)
+    psf = draw_psf(rng, prof, fwhm, beta, ellipticity)
+    sky_drawn = draw_sky(rng, sky, sky_range, exptime)
+    n_stars = draw_star_count(rng, n_stars, area_frac)
+    geometry, shifts = draw_geometry(rng, prof, geometry_jitter)
+    params: dict[str, Any] = {
+        "seed": int(seed), "shape": shape, "origin": origin, "fwhm": psf.fwhm, "beta": psf.beta,
+        "ellipticity": psf.ellipticity, "psf_theta": math.degrees(psf.theta),
+        "sky": sky_drawn.level, "exptime": exptime, "geometry_shifts": shifts, "n_stars": n_stars,
+    }
+
+    sky_e = sky_image(prof, sky_drawn, shape, origin)  # electron/px; the donuts go in here
+    light = np.zeros(ny * nx)  # electrons of stars and reflections, flat
+    offset = max_spot_offset(geometry, shape, origin)
+    stars = add_stars(rng, prof, geometry, psf, light, sky_e, n_stars=n_stars, origin=origin,
+                      spot_offset=offset, vignetting_depth=sky_drawn.vignetting_depth,
+                      exptime=exptime, target=target, mag_range=mag_range,
+                      count_slope=count_slope, zero_point=zero_point,
+                      pair_ratio_slope=pair_ratio_slope, max_polarization=max_polarization)
+    rows = add_reflections(rng, prof, geometry, stars, light, sky_e, n_groups=n_artifact_sources,
+                           area_frac=area_frac, spot_offset=offset, origin=origin, fwhm=psf.fwhm)
+    rows += add_donuts(rng, sky_e, n_donuts, area_frac=area_frac, contrast=donut_contrast,
+                       radius=donut_radius, bright_fraction=donut_bright_fraction,
+                       read_noise=prof.read_noise)
+    charge, cr_rows = cosmic_rays(rng, n_cosmic_rays, sky_e, exptime=exptime, area_frac=area_frac,
+                                  read_noise=prof.read_noise)
+    rows += cr_rows
+    data = read_out(rng, sky_e + light.reshape(shape), charge, prof, noise=noise,
+                    saturate=saturate, include_bias=include_bias)
+
+    star_truth = star_table(stars, prof.channels, zero_point)
+    artifacts = artifact_table(rows, sky_e, prof.saturation * prof.gain)
+    spots = spot_table(stars, artifacts, prof.channels, shape)
+    for table in (star_truth, spots, artifacts):
+        table.meta.update(table_meta(seed, prof, zero_point))
+    header = frame_header(prof, seed=seed, exptime=exptime, origin=origin, psf=psf,
+                          sky_level=sky_drawn.level, zero_point=zero_point,
+                          n_stars=len(stars.x), n_artifacts=len(artifacts), shifts=shifts,
+                          noise=noise, saturate=saturate, include_bias=include_bias)
+    return SimulatedFrame(ccd=CCDData(data, unit="adu", meta=header), stars=star_truth,
+                          spots=spots, artifacts=artifacts,
+                          sky=(sky_e / prof.gain).astype(np.float32), params=params)

@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: result sections, rendering, machine description,
-truth matching and small statistics.
+"""Shared pieces of the benchmarks: result sections, rendering, machine description
+and small statistics. (Detections are labelled from the truth by the package's
+:func:`robopol_clean.datasets.match_detections`.)
 
 Nothing here is part of the robopol-clean package; the benchmarks import the package
 like any user would.
@@ -26,7 +27,7 @@ os.environ.setdefault("MPLBACKEND", "agg")
 from robopol_clean.classify.cnn import _jsonable  # noqa: E402  # the package's strict-JSON conversion
 
 __all__ = ["REPO", "Section", "Context", "machine_description", "render_text", "render_rst",
-           "roc_auc", "recall_at_frr", "match_spots_to_truth", "fmt", "log", "Timer",
+           "roc_auc", "recall_at_frr", "fmt", "log", "Timer",
            "seeds_text", "plural", "rst_preamble",
            "cnn_model_path", "load_default_classifier"]
 
@@ -42,12 +43,8 @@ def command_line(argv: list[str]) -> str:
         pass
     return " ".join(["python", shlex.quote(str(script))] + [shlex.quote(a) for a in argv])
 
-#: Label used for spots matched to nothing / ambiguously / to an ignored kind.
-UNLABELLED = -1
 #: Truth kinds that are reflection artifacts (what robopol-clean is for).
 REFLECTION_KINDS = ("streak", "ghost")
-#: Truth kinds labelled 1 in the classifier benchmarks (the CNN's own training labels).
-ARTIFACT_KINDS = ("streak", "ghost", "cosmic_ray")
 
 
 def log(msg: str) -> None:
@@ -281,20 +278,17 @@ def render_rst(sections: list[Section], header: dict) -> str:
 # Statistics
 # ---------------------------------------------------------------------------------
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties counted half); NaN for one class."""
+    """Area under the ROC curve (scikit-learn's); NaN for one class.
+
+    Scored on ranks, which leave the AUC unchanged and let infinite scores through.
+    """
+    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
+
     y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, float)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(s.size, float)
-    sorted_s = s[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, rankdata(np.asarray(scores, float))))
 
 
 def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float,
@@ -320,71 +314,6 @@ def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float,
     if pos.sum() == 0:
         return float("nan"), thr
     return float(np.mean(s[pos] >= thr)), thr
-
-
-# ---------------------------------------------------------------------------------
-# Truth matching
-# ---------------------------------------------------------------------------------
-def match_spots_to_truth(x: np.ndarray, y: np.ndarray, sim, *, star_radius: float = 3.0,
-                         margin: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
-    """Label detections of a simulated frame from its truth tables.
-
-    A detection within ``star_radius`` px of a true star spot is a star (0). One within
-    ``margin`` px of a cosmic ray or a compact ghost's position, or inside a reflection
-    streak's extent (``|x - x_center| <= length / 2 + margin`` and ``|y - y_peak| <=
-    max(width, margin)``: a streak's truth position is its brightest point, and the
-    detected centroid may lie several px along the streak), is an artifact (1).
-    Detections matching both, neither, or another artifact kind (dust donuts) get -1.
-
-    Returns
-    -------
-    labels : ndarray of int
-    kinds : ndarray of str
-        'star', the artifact kind, 'ambiguous' or ''.
-    """
-    from scipy.spatial import cKDTree
-
-    xy = np.column_stack([np.asarray(x, float), np.asarray(y, float)])
-    n = len(xy)
-    labels = np.full(n, UNLABELLED, int)
-    kinds = np.full(n, "", dtype="U16")
-    if n == 0:
-        return labels, kinds
-    spots = sim.spots
-    is_art = np.asarray(spots["is_artifact"], bool)
-    star_xy = np.column_stack([np.asarray(spots["x"], float)[~is_art],
-                               np.asarray(spots["y"], float)[~is_art]])
-    star_hit = np.zeros(n, bool)
-    if len(star_xy):
-        d, _ = cKDTree(star_xy).query(xy, distance_upper_bound=star_radius)
-        star_hit = np.isfinite(d)
-
-    arts = sim.artifacts
-    art_kind = np.full(n, "", dtype="U16")
-    if len(arts):
-        kind = np.asarray(arts["kind"]).astype(str)
-        ax, ay = np.asarray(arts["x"], float), np.asarray(arts["y"], float)
-        d, i = cKDTree(np.column_stack([ax, ay])).query(xy, distance_upper_bound=margin)
-        ok = np.isfinite(d)
-        art_kind[ok] = kind[i[ok]]
-        streak = kind == "streak"
-        if streak.any():
-            xc = np.asarray(arts["x_center"], float)[streak]
-            half = 0.5 * np.asarray(arts["length"], float)[streak] + margin
-            hw = np.maximum(np.asarray(arts["width"], float)[streak], margin)
-            inside = ((np.abs(xy[:, :1] - xc[None, :]) <= half[None, :])
-                      & (np.abs(xy[:, 1:] - ay[streak][None, :]) <= hw[None, :]))
-            tail = inside.any(axis=1) & ~ok
-            art_kind[tail] = "streak"
-    art_hit = art_kind != ""
-    only_star = star_hit & ~art_hit
-    only_art = art_hit & ~star_hit
-    labels[only_star] = 0
-    kinds[only_star] = "star"
-    kinds[only_art] = art_kind[only_art]
-    labels[only_art & np.isin(art_kind, ARTIFACT_KINDS)] = 1
-    kinds[star_hit & art_hit] = "ambiguous"
-    return labels, kinds
 
 
 # ---------------------------------------------------------------------------------

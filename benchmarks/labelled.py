@@ -4,9 +4,10 @@ Frames are simulated with seeds disjoint from the CNN's training data (the train
 module derives its frame seeds from master seeds 0 and 1_000_003 by
 ``SeedSequence.spawn``; here frame seeds are used directly: 10_000+ for the test
 frames, 20_000+ for the frames the benchmark's own models are trained on), reduced by
-the real pipeline, and every detected spot is labelled from the truth tables
-(:func:`_common.match_spots_to_truth`). One pass per frame computes every score the
-benchmarks compare, on exactly the pipeline's detections and cutouts:
+the real pipeline, and every detected spot is labelled from the truth tables by the
+rule the CNN's training labels follow (:func:`robopol_clean.datasets.match_detections`).
+One pass per frame computes every score the benchmarks compare, on exactly the
+pipeline's detections and cutouts:
 
 - ``p_morph`` (morphology alone) and ``p_morph_orphan`` (+ the partner cues, the
   package's classical classifier :class:`robopol_clean.classify.MorphologyClassifier`);
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from _common import REFLECTION_KINDS, Context, load_default_classifier, log, match_spots_to_truth
+from _common import REFLECTION_KINDS, Context, load_default_classifier, log
 from astropy.table import Table, vstack
 from scipy.spatial import cKDTree
 
@@ -151,6 +152,7 @@ def labelled_set(ctx: Context, which: str, *, keep_cutouts: bool = False) -> Lab
 
     CNN scores are included when the shipped model exists.
     """
+    from robopol_clean.datasets import match_detections, truth_table
     from robopol_clean.pipeline import added_by_photometry, reduce_frame
 
     key = ("labelled", which)
@@ -170,7 +172,7 @@ def labelled_set(ctx: Context, which: str, *, keep_cutouts: bool = False) -> Lab
         shape = sim.ccd.shape
         res = reduce_frame(sim.ccd, classifier=scorer, name=f"seed{seed}")
         sp = res.spots[~added_by_photometry(res.spots)]  # the detections the classifier scored
-        labels, kinds = match_spots_to_truth(sp["x"], sp["y"], sim)
+        labels, kinds, _ = match_detections(sp, truth_table(sim))
         keep = labels >= 0
         fw = float(res.meta["fwhm"])
         t = Table({

@@ -323,9 +323,9 @@ def _run_label(args) -> int:
 
 def _labelled_data(args, *, seed_offset: int = 0):
     """Cutouts from simulated frames and DS9-labelled real frames, as one dataset."""
+    from .datasets import CutoutDataset, cutout_dataset_from_ds9, cutout_dataset_from_simulation
     from .instrument import ProfileError, load_profile
     from .io import FrameError
-    from .training import CutoutDataset, cutout_dataset_from_ds9, cutout_dataset_from_simulation
 
     try:
         profile = load_profile(args.profile)
@@ -374,7 +374,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from .io import OutputError, check_writable
-    from .training import train
+    from .training import DEFAULT_MODEL_CONFIG, train
 
     try:
         outdir = check_writable(args.outdir)
@@ -384,9 +384,10 @@ def _run_train(args) -> int:
         raise CLIError(f"{outdir / (args.name + '.keras')}: output exists (use --overwrite to replace it)")
     data = _labelled_data(args)
     log.info("training on %d cutouts (%s)", len(data), data.counts())
-    result = train(data, variant=args.variant, epochs=args.epochs, seed=args.seed,
-                   init_from=args.init_from, freeze_conv=False if args.train_conv else None, out_dir=outdir,
-                   name=args.name, target_false_rejection=0.005, verbose=0)
+    config = DEFAULT_MODEL_CONFIG.replace(variant=args.variant, epochs=args.epochs, seed=args.seed,
+                                         init_from=args.init_from,
+                                         freeze_conv=False if args.train_conv else None)
+    result = train(data, config, out_dir=outdir, name=args.name)
     m = result.metrics
     print(f"{result.model_path}: validation AUC {m.get('auc') or float('nan'):.4f}, "
           f"trained in {result.seconds:.0f} s; report in {result.report_dir}")

@@ -28,7 +28,21 @@ STAR_SNR_MIN = 10.0
 
 
 def predict_probabilities(model, cutouts: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """``p_artifact`` of normalised cutouts from a CNNClassifier or a bare Keras model."""
+    """``p_artifact`` of normalised cutouts from a CNNClassifier or a bare Keras model.
+
+    Parameters
+    ----------
+    model : CNNClassifier or keras.Model
+        The classifier.
+    cutouts : ndarray, shape (n, size, size) or (n, size, size, 1)
+        Normalised cutouts.
+    batch_size : int
+        Cutouts per network call (bare Keras model).
+
+    Returns
+    -------
+    ndarray, shape (n,)
+    """
     if hasattr(model, "predict_cutouts"):
         return model.predict_cutouts(cutouts, batch_size=batch_size)
     x = np.asarray(cutouts, np.float32)
@@ -48,6 +62,19 @@ def classification_metrics(labels: np.ndarray, p: np.ndarray, *, threshold: floa
                            snr: np.ndarray | None = None, kind: np.ndarray | None = None) -> dict[str, Any]:
     """Scores of probabilities ``p`` against true ``labels`` (1 = artifact).
 
+    Parameters
+    ----------
+    labels : ndarray of int
+        1 = artifact, 0 = star spot.
+    p : ndarray
+        ``p_artifact`` of each cutout.
+    threshold : float
+        Decision threshold (``p >= threshold`` is rejected).
+    snr : ndarray, optional
+        Peak SNR of each cutout (enables the significance-cut metrics).
+    kind : ndarray of str, optional
+        Truth kind of each cutout (enables the per-kind metrics).
+
     Returns
     -------
     dict
@@ -58,7 +85,7 @@ def classification_metrics(labels: np.ndarray, p: np.ndarray, *, threshold: floa
         ``recall_artifacts_snr_ge_5``, ``false_rejection_stars_snr_ge_10`` (and their
         counts); with ``kind``: ``recall_by_kind`` / ``rejection_by_kind``.
     """
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # the package's one AUC (also plots.plot_roc)
 
     y = np.asarray(labels, int)
     p = np.asarray(p, float)
@@ -77,14 +104,9 @@ def classification_metrics(labels: np.ndarray, p: np.ndarray, *, threshold: floa
         "false_rejection_rate": _rate(fp, fp + tn),
         "brier": float(np.mean((p - y) ** 2)) if y.size else None,
     }
-    edges = np.linspace(0, 1, 11)
-    idx = np.clip(np.digitize(p, edges) - 1, 0, 9)
-    ece = 0.0
-    for b in range(10):
-        sel = idx == b
-        if sel.any():
-            ece += sel.mean() * abs(p[sel].mean() - y[sel].mean())
-    out["ece"] = float(ece)
+    # ECE = sum over bins of (n_bin / n) |mean(p) - mean(y)| = sum |sum_bin(p - y)| / n.
+    bins = np.clip(np.digitize(p, np.linspace(0, 1, 11)) - 1, 0, 9)
+    out["ece"] = float(np.abs(np.bincount(bins, weights=p - y, minlength=10)).sum() / max(y.size, 1))
     if snr is not None:
         snr = np.asarray(snr, float)
         a5 = art & (snr >= ARTIFACT_SNR_MIN)

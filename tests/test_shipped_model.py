@@ -3,9 +3,9 @@
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from robopol_clean.datasets import match_detections, truth_table
 from robopol_clean.pipeline import added_by_photometry, get_classifier, reduce_frame
 from robopol_clean.simulate import simulate_frame
-from robopol_clean.training import _truth_with_extent, match_detections
 
 
 def test_shipped_model_auc_on_fresh_frames():
@@ -17,7 +17,7 @@ def test_shipped_model_auc_on_fresh_frames():
     for seed in (900, 901):
         sim = simulate_frame("robopol", seed=seed, n_artifact_sources=10)
         result = reduce_frame(sim.ccd, classifier=clf)
-        lab, _, _ = match_detections(result.spots, _truth_with_extent(sim))
+        lab, _, _ = match_detections(result.spots, truth_table(sim))
         s = result.spots
         ok = (lab >= 0) & ~added_by_photometry(s)
         labels.append(lab[ok])

@@ -1,25 +1,28 @@
-"""Training data, augmentation, the training loop and transfer learning (real Keras, tiny sets)."""
+"""The training loop, its settings and transfer learning (real Keras, tiny sets).
 
+The datasets themselves are tested in test_datasets.py.
+"""
+
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-from astropy.table import Table
 
 keras = pytest.importorskip("keras")
 
 from robopol_clean.classify.cnn import CNNClassifier, normalise_cutouts  # noqa: E402
+from robopol_clean.datasets import CutoutDataset, synthetic_cutouts  # noqa: E402
 from robopol_clean.training import (  # noqa: E402
-    CutoutDataset,
-    _stratified_stars,
+    DEFAULT_MODEL_CONFIG,
+    TrainingConfig,
     augment_batch,
-    cutout_dataset_from_ds9,
-    cutout_dataset_from_simulation,
-    match_detections,
     split_by_frame,
-    synthetic_cutouts,
     train,
+    train_default_model,
 )
+
+TINY = TrainingConfig(epochs=2, batch_size=32, seed=0, target_false_rejection=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +35,7 @@ def synthetic_dataset():
 @pytest.fixture(scope="module")
 def trained(synthetic_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
-    result = train(synthetic_dataset, epochs=2, batch_size=32, seed=0, out_dir=out, name="tiny",
-                   report=False, target_false_rejection=0.05)
-    return result
+    return train(synthetic_dataset, TINY, out_dir=out, name="tiny", report=False)
 
 
 def test_tiny_training_learns_and_writes(trained):
@@ -45,6 +46,8 @@ def test_tiny_training_learns_and_writes(trained):
         assert key in meta
     assert meta["versions"]["keras"] == keras.__version__
     assert meta["training"]["seconds"] > 0
+    # the settings are recorded and rebuild the configuration
+    assert TrainingConfig(**meta["training"]["config"]) == TINY
     assert meta["data"]["train"]["generator"] == "synthetic_cutouts"
     assert len(trained.history["loss"]) == 2
     # train / validation frames are disjoint
@@ -78,9 +81,14 @@ def test_calibration_prior_shift(trained, synthetic_dataset):
 
 
 def test_transfer_learning_freezes_convolutions(trained, synthetic_dataset):
+    # the settings as keywords (overrides of the default configuration)
     result = train(synthetic_dataset.subset(np.arange(160)), epochs=1, batch_size=32, seed=1,
                    init_from=trained.model_path, early_stopping=False)
     assert result.metadata["training"]["frozen_layers"] == ["conv1", "conv2", "conv3"]
+    config = result.metadata["training"]["config"]
+    assert config["init_from"] == str(trained.model_path) and config["epochs"] == 1
+    assert config["early_stopping"] is False and config["freeze_conv"] is None
+    assert result.metadata["training"]["learning_rate"] == 3e-4  # the fine-tuning default
     base = CNNClassifier.load(trained.model_path).model
     for name in ("conv1", "conv2", "conv3"):
         np.testing.assert_array_equal(base.get_layer(name).get_weights()[0],
@@ -112,78 +120,43 @@ def test_augment_batch():
     np.testing.assert_array_equal(clipped, again)
 
 
-def test_match_detections():
-    truth = Table({"x": [10.0, 100.0, 200.0, 300.0, 50.0, 400.0],
-                   "y": [10.0, 100.0, 200.0, 300.0, 52.0, 400.0],
-                   "kind": ["star", "streak", "ghost", "donut", "star", "cosmic_ray"],
-                   "x_center": [np.nan, 115.0, 200.0, 300.0, np.nan, 400.0],
-                   "length": [np.nan, 30.0, 20.0, 20.0, np.nan, 2.0],
-                   "width": [np.nan, 5.0, 5.0, 20.0, np.nan, 1.0]})
-    spots = Table({"x": [10.5, 100.2, 125.0, 200.0, 300.0, 50.0, 600.0, 401.0],
-                   "y": [10.0, 100.0, 101.0, 201.0, 300.0, 51.0, 600.0, 400.0]})
-    labels, kind, dist = match_detections(spots, truth)
-    assert list(labels) == [0, 1, 1, 1, -1, 0, -1, 1]
-    assert list(kind) == ["star", "streak", "streak", "ghost", "donut", "star", "", "cosmic_ray"]
-    # a detection on a donut's ring (no star there) is a donut
-    ring = Table({"x": [309.0], "y": [300.0]})
-    labels_r, kind_r, _ = match_detections(ring, truth, artifact_kinds=("donut",), ignore_kinds=())
-    assert list(labels_r) == [1] and list(kind_r) == ["donut"]
-    # a star spot on a streak is ambiguous and left out
-    truth.add_row([101.0, 100.0, "star", np.nan, np.nan, np.nan])
-    labels, kind, _ = match_detections(spots, truth)
-    assert labels[1] == -1 and kind[1] == "ambiguous"
-    # cosmic rays can be left out of the artifact class
-    labels, _, _ = match_detections(spots, truth, artifact_kinds=("streak", "ghost"))
-    assert labels[7] == -1
+def test_training_config():
+    config = TrainingConfig()
+    assert config.replace() is config
+    assert config.replace(epochs=3, init_from=None).epochs == 3 and config.epochs == 30
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3
+    with pytest.raises(TypeError, match="'epoch'.*TrainingConfig fields: variant, epochs"):
+        config.replace(epoch=3)
+    for bad in (dict(variant="5conv"), dict(epochs=0), dict(val_fraction=1.0), dict(threshold=1.0),
+                dict(clip_sigma=(5.0, 1.0)), dict(target_false_rejection=0.0), dict(learning_rate=0.0)):
+        with pytest.raises(ValueError, match="invalid TrainingConfig"):
+            TrainingConfig(**bad)
+    # canonical forms: paths as str, clip_sigma as a tuple of floats; JSON round trip
+    from pathlib import Path
+
+    c = TrainingConfig(init_from=Path("m.keras"), clip_sigma=[4, 300])
+    assert c.init_from == "m.keras" and c.clip_sigma == (4.0, 300.0)
+    assert TrainingConfig(**json.loads(json.dumps(c.as_dict()))) == c
+    assert DEFAULT_MODEL_CONFIG.epochs == 40 and DEFAULT_MODEL_CONFIG.target_false_rejection == 0.005
 
 
-def test_stratified_star_sampling_flattens_snr():
-    rng = np.random.default_rng(0)
-    snr = 10 ** rng.exponential(0.3, 5000) * 5  # mostly faint, like a real frame
-    pick = _stratified_stars(snr, np.zeros(snr.size, bool), 400, rng, 10)
-    assert pick.size == 400 and np.unique(pick).size == 400
-    faint_all = np.mean(snr < 10)
-    faint_kept = np.mean(snr[pick] < 10)
-    assert faint_kept < faint_all - 0.2
+def test_unknown_settings_fail_before_training(synthetic_dataset):
+    with pytest.raises(TypeError, match="'epoch'"):
+        train(synthetic_dataset, epoch=2)
+    with pytest.raises(TypeError, match="config must be a TrainingConfig"):
+        train_default_model(None, 0)  # the old positional seed
+    with pytest.raises(TypeError, match="config must be a TrainingConfig"):
+        train(synthetic_dataset, "3conv")
+    with pytest.raises(TypeError, match="'n_epochs'"):
+        train_default_model(n_epochs=3)
 
 
-def test_dataset_save_load_and_concat(tmp_path, synthetic_dataset):
-    small = synthetic_dataset.subset(np.arange(20))
-    path = small.save(tmp_path / "d.npz")
-    back = CutoutDataset.load(path)
-    np.testing.assert_array_equal(back.cutouts, small.cutouts)
-    np.testing.assert_array_equal(back.labels, small.labels)
-    assert back.table.colnames == small.table.colnames
-    both = CutoutDataset.concatenate([small, back])
-    assert len(both) == 40 and len(np.unique(both.table["frame"])) == 2 * len(np.unique(small.table["frame"]))
+def test_old_import_locations():
+    """The dataset names defined in training before robopol_clean.datasets stay importable."""
+    from robopol_clean import datasets, training
 
-
-def test_dataset_from_simulation(profile):
-    ds = cutout_dataset_from_simulation(2, seed=4, profile=profile, shape=(512, 512),
-                                        n_artifact_sources=(3, 5))
-    assert len(ds) > 0 and ds.cutouts.shape[1:] == (64, 64)
-    assert set(np.unique(ds.labels)) <= {0, 1} and ds.labels.sum() > 0
-    assert set(np.unique(ds.table["frame"])) == {0, 1}
-    assert "donut" not in set(ds.table["kind"])
-    assert ds.description["n_frames"] == 2 and ds.description["artifacts"] == int(ds.labels.sum())
-    assert np.all(np.isfinite(ds.cutouts))
-    kinds = set(ds.table["kind"][ds.labels == 1])
-    assert kinds <= {"streak", "ghost", "cosmic_ray"}
-
-
-def test_dataset_from_ds9(tmp_path, profile):
-    from regions import CirclePixelRegion, PixCoord, Regions
-
-    from robopol_clean.simulate import simulate_frame
-
-    sim = simulate_frame(profile, seed=7, shape=(512, 512), n_artifact_sources=4, n_cosmic_rays=0)
-    path = tmp_path / "frame.fits"
-    sim.ccd.write(path)
-    arts = sim.artifacts[np.isin(np.asarray(sim.artifacts["kind"]), ["streak", "ghost"])]
-    assert len(arts)
-    regs = Regions([CirclePixelRegion(PixCoord(float(a["x"]), float(a["y"])), radius=6) for a in arts])
-    reg_path = tmp_path / "art.reg"
-    regs.write(str(reg_path), format="ds9")
-    ds = cutout_dataset_from_ds9(path, reg_path, profile=profile, frame_index=3)
-    assert len(ds) > 0 and 0 < ds.labels.sum() <= len(arts) + 2
-    assert set(ds.table["source"]) == {"ds9"} and set(ds.table["frame"]) == {3}
+    for name in ("CutoutDataset", "DEFAULT_ARTIFACT_KINDS", "DEFAULT_IGNORE_KINDS", "frame_cutouts",
+                 "match_detections", "cutout_dataset_from_simulation", "cutout_dataset_from_ds9",
+                 "synthetic_cutouts"):
+        assert getattr(training, name) is getattr(datasets, name), name

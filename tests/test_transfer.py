@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from robopol_clean.classify.cnn import CNNClassifier, conv_layer_names
-from robopol_clean.training import DEFAULT_ARTIFACT_KINDS, cutout_dataset_from_simulation, train
+from robopol_clean.datasets import DEFAULT_ARTIFACT_KINDS, cutout_dataset_from_simulation
+from robopol_clean.training import TrainingConfig, train
 
 DONUT_SIM = dict(n_donuts=20, donut_contrast=(0.3, 1.5), donut_radius=(10.0, 15.0),
                  donut_bright_fraction=1.0, sky_range=(100.0, 1000.0), n_cosmic_rays=0)
@@ -45,8 +46,8 @@ def test_fine_tuning_learns_donuts_with_frozen_conv(tmp_path):
     shipped = CNNClassifier.load(None)
     rec0, auc0 = _donut_recall_auc(shipped, test_ds)
     w0 = _conv_weights(shipped.model)
-    res = train(train_ds, init_from="default", epochs=6, seed=0, out_dir=tmp_path, name="donuts",
-                report=False)
+    res = train(train_ds, TrainingConfig(init_from="default", epochs=6, seed=0), out_dir=tmp_path,
+                name="donuts", report=False)
     rec1, auc1 = _donut_recall_auc(res.classifier, test_ds)
     assert res.metadata["training"]["frozen_layers"] == conv_layer_names(res.model)
     assert all(np.array_equal(a, b) for a, b in zip(w0, _conv_weights(res.model), strict=True))

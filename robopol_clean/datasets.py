@@ -183,7 +183,7 @@ def frame_cutouts(data: np.ndarray, *, profile: InstrumentProfile, mask: np.ndar
     """Detect the spots of a frame and return them with their normalised cutouts.
 
     Follows :func:`robopol_clean.pipeline.reduce_frame`: background from
-    :func:`~robopol_clean.detection.estimate_background`, detection with
+    :func:`~robopol_clean.background.estimate_background`, detection with
     :func:`~robopol_clean.detection.detect_spots`, cutouts of the background-subtracted
     frame (masked pixels = sky) through
     :func:`~robopol_clean.classify.cnn.spot_cutouts`.
@@ -210,7 +210,8 @@ def frame_cutouts(data: np.ndarray, *, profile: InstrumentProfile, mask: np.ndar
     cutouts : ndarray, shape (n, size, size), float32
         Normalised cutouts, one per detection.
     """
-    from .detection import detect_spots, estimate_background
+    from .background import estimate_background
+    from .detection import detect_spots
 
     data = np.asarray(data, np.float32)
     bad = None if mask is None else np.asarray(mask, bool)

@@ -8,8 +8,9 @@ reason a pixel is masked (:data:`ARTIFACT`, :data:`SATURATED`,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from photutils.aperture import CircularAperture
 from scipy import ndimage
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "SATURATED",
     "INSTRUMENT_MASK",
     "disk_structure",
+    "dilate_mask",
     "footprint_mask",
     "combine_masks",
     "apertures_touch_mask",
@@ -36,6 +38,48 @@ def disk_structure(radius: int) -> np.ndarray:
     r = int(radius)
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     return xx**2 + yy**2 <= r**2
+
+
+def dilate_mask(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """Binary dilation of a mask, cheap on big frames with few masked pixels.
+
+    Parameters
+    ----------
+    mask : ndarray of bool
+        2-D mask (not modified).
+    structure : ndarray of bool
+        Odd-sized structuring element (e.g. :func:`disk_structure`), centred.
+
+    Returns
+    -------
+    ndarray of bool
+        ``scipy.ndimage.binary_dilation(mask, structure)`` (nothing outside the frame).
+        A sparse mask is dilated by setting the structure's pixels around each of its
+        pixels, a denser one by ``binary_dilation`` on the bounding box of its pixels.
+
+    Examples
+    --------
+    >>> m = np.zeros((5, 5), bool); m[2, 2] = True
+    >>> int(dilate_mask(m, disk_structure(1)).sum())
+    5
+    """
+    mask = np.asarray(mask, bool)
+    offsets = np.argwhere(structure) - np.array(np.shape(structure)) // 2
+    if np.count_nonzero(mask) * len(offsets) <= mask.size // 8:
+        ys, xs = np.nonzero(mask)
+        yy = (ys[:, None] + offsets[:, 0]).ravel()
+        xx = (xs[:, None] + offsets[:, 1]).ravel()
+        keep = (yy >= 0) & (yy < mask.shape[0]) & (xx >= 0) & (xx < mask.shape[1])
+        out = np.zeros(mask.shape, bool)
+        out[yy[keep], xx[keep]] = True
+        return out
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    out = np.array(mask, copy=True)
+    hy, hx = (n // 2 for n in np.shape(structure))
+    win = (slice(max(rows[0] - hy, 0), min(rows[-1] + hy + 1, mask.shape[0])),
+           slice(max(cols[0] - hx, 0), min(cols[-1] + hx + 1, mask.shape[1])))
+    out[win] = ndimage.binary_dilation(mask[win], structure=structure)
+    return out
 
 
 def footprint_mask(shape: tuple[int, int], segmentation: np.ndarray, labels, *,
@@ -81,15 +125,7 @@ def footprint_mask(shape: tuple[int, int], segmentation: np.ndarray, labels, *,
     if labels.size == 0:
         return np.zeros(shape, dtype=bool)
     mask = np.isin(segmentation, labels)
-    if dilate > 0 and mask.any():
-        # dilate only the bounding box of the footprints (plus margin): cheap on big frames
-        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        d = int(dilate)
-        y0, y1 = max(rows[0] - d, 0), min(rows[-1] + d + 1, shape[0])
-        x0, x1 = max(cols[0] - d, 0), min(cols[-1] + d + 1, shape[1])
-        mask[y0:y1, x0:x1] = ndimage.binary_dilation(mask[y0:y1, x0:x1],
-                                                     structure=disk_structure(d))
-    return mask
+    return dilate_mask(mask, disk_structure(dilate)) if dilate > 0 else mask
 
 
 def combine_masks(existing: np.ndarray | None, new: np.ndarray | None) -> np.ndarray | None:
@@ -140,15 +176,29 @@ def apertures_touch_mask(mask: np.ndarray, x, y, radius: float) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got {mask.ndim}-D")
     x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
-    if not float(radius) > 0:
+    radius = float(radius)
+    if not radius > 0:
         raise ValueError(f"radius must be positive, got {radius}")
     out = np.zeros(x.size, dtype=bool)
     ok = np.isfinite(x.ravel()) & np.isfinite(y.ravel())  # non-finite centres: False
     if not ok.any() or not mask.any():
         return out.reshape(x.shape)
-    ap = CircularAperture(np.column_stack([x.ravel()[ok], y.ravel()[ok]]), r=float(radius))
-    overlap, _ = ap.do_photometry(mask.astype(np.float32), method="exact")
-    out[ok] = np.nan_to_num(overlap) > 0
+    xs, ys = x.ravel()[ok], y.ravel()[ok]
+    # A pixel overlaps the circle when its nearest point lies strictly inside: test the
+    # pixels of a square window around each centre, all apertures at once.
+    off = np.arange(-math.ceil(radius + 0.5), math.ceil(radius + 0.5) + 1)
+
+    def window(centre, n):
+        """Window pixel indices and squared distance from the centre to their nearest edge."""
+        pix = np.floor(centre + 0.5).astype(np.int64)[:, None] + off
+        gap = np.maximum(np.abs(pix - centre[:, None]) - 0.5, 0.0) ** 2
+        gap[(pix < 0) | (pix >= n)] = np.inf  # off the frame
+        return np.clip(pix, 0, n - 1), gap
+
+    rows, gap_y = window(ys, mask.shape[0])
+    cols, gap_x = window(xs, mask.shape[1])
+    hit = mask[rows[:, :, None], cols[:, None, :]] & (gap_y[:, :, None] + gap_x[:, None, :] < radius**2)
+    out[ok] = hit.any(axis=(1, 2))
     return out.reshape(x.shape)
 
 

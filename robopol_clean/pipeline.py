@@ -20,9 +20,10 @@ from astropy.table import Table, vstack
 from scipy.spatial import cKDTree
 
 from ._version_info import __commit__, __version__
+from .background import estimate_background
 from .classify import FrameScene, SpotClassifier, decide
 from .config import PhotometryConfig, ReductionConfig, as_reduction_config
-from .detection import detect_spots, estimate_background, saturation_level
+from .detection import detect_spots, saturation_level
 from .grouping import group_quadruplets
 from .instrument import InstrumentProfile, load_profile
 from .io import detector_origin, frame_from_ccd

@@ -337,3 +337,61 @@ def test_real_frame_artifacts_and_stars_detected(real_frame, profile):
     ys = np.concatenate([quads[f"y_{ch}"] for ch in profile.channels])
     dist, _ = nearest(spots, xs, ys)
     assert np.all(dist < 2.0), np.sort(dist)[-5:]
+
+
+@pytest.mark.parametrize("shape", [(2048, 96), (70, 130), (5, 3)])
+@pytest.mark.parametrize("mode, sigma", [("constant", 1.83), ("nearest", 3.7)])
+def test_gaussian_filter_matches_ndimage(shape, mode, sigma):
+    from scipy import ndimage
+
+    from robopol_clean.detection import _gaussian_filter
+
+    img = np.random.default_rng(13).normal(0.0, 10.0, shape).astype(np.float32)
+    img[shape[0] // 2, shape[1] // 2] = 1e4
+    ref = ndimage.gaussian_filter(img, sigma, mode=mode, truncate=3.5)
+    out = _gaussian_filter(img, sigma, truncate=3.5, mode=mode)
+    assert out.shape == shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_local_maxima_match_maximum_filter():
+    """Same maxima as scipy's maximum filter; one pixel per plateau, the first in raster order."""
+    from scipy import ndimage
+
+    from robopol_clean.detection import _local_maxima
+
+    rng = np.random.default_rng(14)
+    img = ndimage.gaussian_filter(rng.normal(0, 1, (300, 200)), 1.5).astype(np.float32) * 10
+    img[0, 50] = img[299, 199] = 50.0  # maxima on the frame edge
+    img[100:103, 100:102] = 60.0  # a plateau
+    px, py, val = _local_maxima(img, 2.0, 3)
+    ref = (img >= ndimage.maximum_filter(img, 7, mode="constant", cval=-np.inf)) & (img >= 2.0)
+    ref[100:103, 100:102] = False
+    ref[100, 100] = True
+    ry, rx = np.nonzero(ref)
+    np.testing.assert_array_equal(py, ry)
+    np.testing.assert_array_equal(px, rx)
+    np.testing.assert_array_equal(val, img[ry, rx])
+
+
+def test_saturation_level_of_integer_and_nan_frames(profile):
+    img = np.full((20, 20), 100, np.uint8)
+    img[:5, :6] = 255
+    assert saturation_level(img, profile) == 255.0
+    assert saturation_level(np.full((4, 4), np.nan), profile) == profile.saturation
+    assert saturation_level(np.zeros((6, 6)), None) == 0.0  # 36 pixels at the ceiling
+    assert saturation_level(np.arange(16.0).reshape(4, 4), None) == np.inf
+
+
+def test_shared_footprint_is_split(profile):
+    """Three blended stars: three spots, each owning the pixels nearest to it."""
+    xs, ys = np.array([40.0, 48.0, 44.0]), np.array([40.0, 40.0, 47.0])
+    img = render((90, 90), xs, ys, [3000, 2000, 2500], seed=15)
+    res = detect_spots(img, profile=profile)
+    assert len(res.spots) == 3
+    labels = np.unique(res.segmentation[35:52, 35:53])
+    assert set(labels) >= set(res.spots["label"])  # one footprint, split three ways
+    dist, idx = nearest(res.spots, xs, ys)
+    assert np.all(dist < 0.5)
+    for x, y, i in zip(xs, ys, idx):
+        assert res.segmentation[int(y), int(x)] == res.spots["label"][i]

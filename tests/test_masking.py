@@ -8,6 +8,7 @@ from robopol_clean.masking import (
     apertures_touch_mask,
     bitmask_from,
     combine_masks,
+    dilate_mask,
     disk_structure,
     footprint_mask,
 )
@@ -81,6 +82,39 @@ def test_apertures_touch_mask():
     assert apertures_touch_mask(mask, [], [], 5.0).size == 0
     off = apertures_touch_mask(mask, [-100.0, np.nan], [-100.0, 25.0], 5.0)
     assert not off.any()
+
+
+def test_apertures_touch_mask_matches_photutils_exact_overlap():
+    """Any overlap: the same answer as photutils' exact aperture photometry of the mask."""
+    aperture = pytest.importorskip("photutils.aperture")
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        ny, nx = rng.integers(5, 60, 2)
+        mask = rng.random((ny, nx)) < rng.choice([0.002, 0.01, 0.05])
+        x = rng.uniform(-8, nx + 8, 60)
+        y = rng.uniform(-8, ny + 8, 60)
+        if trial % 3 == 0:  # centres on pixel centres and edges: tangent circles
+            x, y = np.round(2 * x) / 2, np.round(2 * y) / 2
+        radius = rng.choice([0.5, 1.0, 2.5, 3.0, 4.4, 7.3])
+        ap = aperture.CircularAperture(np.column_stack([x, y]), r=radius)
+        overlap, _ = ap.do_photometry(mask.astype(np.float32), method="exact")
+        np.testing.assert_array_equal(apertures_touch_mask(mask, x, y, radius),
+                                      np.nan_to_num(overlap) > 0)
+
+
+@pytest.mark.parametrize("structure", [disk_structure(2), np.ones((3, 5), bool),
+                                       np.eye(3, dtype=bool)[::-1]])
+@pytest.mark.parametrize("fraction", [0.002, 0.3])  # sparse (scattered) and dense (bounding box)
+def test_dilate_mask_matches_binary_dilation(structure, fraction):
+    from scipy import ndimage
+
+    mask = np.random.default_rng(5).random((40, 50)) < fraction
+    mask[0, 10] = mask[20, 49] = mask[39, 0] = True  # on the edges
+    before = mask.copy()
+    out = dilate_mask(mask, structure)
+    np.testing.assert_array_equal(out, ndimage.binary_dilation(mask, structure=structure))
+    assert out is not mask and np.array_equal(mask, before)  # input untouched
+    assert not dilate_mask(np.zeros((5, 5), bool), structure).any()
 
 
 def test_bitmask_from():

@@ -27,7 +27,7 @@ ARTIFACT_SNR_MIN = 5.0
 STAR_SNR_MIN = 10.0
 
 
-def predict_probabilities(model, cutouts: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+def predict_probabilities(model, cutouts: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
     """``p_artifact`` of normalised cutouts from a CNNClassifier or a bare Keras model.
 
     Parameters
@@ -36,8 +36,9 @@ def predict_probabilities(model, cutouts: np.ndarray, *, batch_size: int = 256) 
         The classifier.
     cutouts : ndarray, shape (n, size, size) or (n, size, size, 1)
         Normalised cutouts.
-    batch_size : int
-        Cutouts per network call (bare Keras model).
+    batch_size : int, optional
+        Cutouts per network call (default: the classifier's own; 256 for a bare Keras
+        model).
 
     Returns
     -------
@@ -49,6 +50,7 @@ def predict_probabilities(model, cutouts: np.ndarray, *, batch_size: int = 256) 
     if x.ndim == 3:
         x = x[..., None]
     out = np.empty(len(x), float)
+    batch_size = batch_size or 256
     for start in range(0, len(x), batch_size):
         out[start:start + batch_size] = np.asarray(model.predict_on_batch(x[start:start + batch_size]))[:, 0]
     return out

@@ -100,8 +100,8 @@ def get_classifier(classifier: str | SpotClassifier | None = None) -> SpotClassi
     """Resolve a classifier name (``"cnn"`` or ``"morphology"``) or instance.
 
     ``None`` gives the default: the shipped CNN combined with the partner cues.
-    A path to a ``.keras`` file loads that network (with its ``.json`` metadata).
-    Loading a network takes a few seconds: resolve once and reuse the instance.
+    A path to a model file (``.onnx``, ``.keras`` or its ``.json`` metadata) loads that
+    network, run by ONNX Runtime. Resolve once and reuse the instance across frames.
     """
     if isinstance(classifier, SpotClassifier):
         return classifier
@@ -109,7 +109,7 @@ def get_classifier(classifier: str | SpotClassifier | None = None) -> SpotClassi
     if name == "morphology":
         from .classify import MorphologyClassifier
         return MorphologyClassifier()
-    if name == "cnn" or name.endswith(".keras"):
+    if name == "cnn" or name.endswith((".onnx", ".keras", ".json")):
         from .classify.cnn import CNNClassifier
         return CNNClassifier.load(None if name == "cnn" else str(classifier))
     raise ValueError(f"unknown classifier {classifier!r} (use 'cnn' or 'morphology')")

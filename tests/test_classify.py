@@ -11,7 +11,7 @@ from robopol_clean.classify import (
     noisy_or,
     partner_evidence,
 )
-from robopol_clean.classify.orphan import fit_pair_ratio
+from robopol_clean.classify.orphan import fit_pair_ratio, forced_sums
 from robopol_clean.instrument import load_profile
 
 PROFILE = load_profile("robopol")
@@ -194,3 +194,28 @@ def test_boosted_star_spot_is_not_an_orphan():
     assert ev.z_orphan[0] > 5  # the deficit is significant...
     assert ev.p_orphan[0] < 0.5  # ...but most of the partner light is there
     assert np.all(ev.p_orphan[1:] < 0.05)
+
+
+@pytest.mark.parametrize("radius", [0.7, 1.0, 2.5, 3.0, 4.03])
+def test_forced_sums_match_brute_force(radius):
+    """Pixels whose centre lies strictly within the radius; NaN off the image or on a mask."""
+    rng = np.random.default_rng(3)
+    data = rng.normal(0, 10, (40, 50)).astype(np.float32)
+    mask = np.zeros(data.shape, bool)
+    mask[20, 30] = True
+    x = np.concatenate([rng.uniform(-3, 53, 150), np.arange(2.0, 48.0, 5.5)])  # incl. half-integers
+    y = np.concatenate([rng.uniform(-3, 43, 150), np.full(9, 17.0)])
+    x[:5], y[:5] = [30.0, 33.0, 30.4, 2.9, 25.0], [20.0, 20.0, 23.0, 10.0, 0.5]  # on/near the mask, edges
+    yy, xx = np.mgrid[: data.shape[0], : data.shape[1]]
+    ref = np.full(x.size, np.nan)
+    for i in range(x.size):
+        disk = (xx - x[i]) ** 2 + (yy - y[i]) ** 2 < radius**2
+        fits = radius <= x[i] <= data.shape[1] - 1 - radius and radius <= y[i] <= data.shape[0] - 1 - radius
+        if fits and not (disk & mask).any():
+            ref[i] = data[disk].sum(dtype=np.float64)
+    got = forced_sums(data, x.reshape(-1, 1), y.reshape(-1, 1), radius, mask=mask)
+    assert got.shape == (x.size, 1)
+    np.testing.assert_array_equal(np.isnan(got[:, 0]), np.isnan(ref))
+    np.testing.assert_allclose(got[:, 0], ref, rtol=1e-12, atol=1e-9)
+    assert np.isfinite(ref).sum() > 50
+    assert np.isnan(got[0, 0]) and np.isfinite(forced_sums(data, x[:1], y[:1], radius)[0])  # the mask

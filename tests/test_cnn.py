@@ -1,4 +1,6 @@
-"""The CNN classifier: architecture, normalisation, saving/loading, batched inference."""
+"""The CNN classifier: architecture, normalisation, saving/loading, batched inference.
+
+The ONNX graph (export, loading checks, agreement with Keras) is tested in test_onnx.py."""
 
 import json
 
@@ -23,7 +25,8 @@ from robopol_clean.classify.cnn import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    """An untrained (seeded) 3conv model saved with metadata."""
+    """An untrained (seeded) 3conv model saved with metadata (and its ONNX graph)."""
+    pytest.importorskip("onnx")
     model = build_model("3conv", seed=3, compile=False)
     path = tmp_path_factory.mktemp("models") / "net.keras"
     save_model(model, path, {"normalisation": normalisation_params(), "threshold": 0.5})
@@ -128,17 +131,23 @@ def test_version_2_cutouts_see_every_frame_at_the_same_seeing():
 def test_save_load_round_trip_identical(saved_model):
     x = _cutouts(300)
     clf = CNNClassifier.load(saved_model)
+    assert clf.backend == "onnxruntime"
     model = keras.saving.load_model(saved_model, safe_mode=True, compile=False)
     direct = np.asarray(model.predict_on_batch(x[..., None]))[:, 0]
     p = clf.predict_cutouts(x)
     np.testing.assert_allclose(p, direct, atol=1e-6)
+    keras_clf = CNNClassifier.load(saved_model, backend="keras")
+    assert keras_clf.backend == "keras"
+    np.testing.assert_allclose(keras_clf.predict_cutouts(x), direct, atol=1e-6)
     # batching (incl. a padded last batch) does not change anything
     np.testing.assert_allclose(clf.predict_cutouts(x, batch_size=64), p, atol=1e-6)
     np.testing.assert_allclose(clf.predict_cutouts(x[:5]), p[:5], atol=1e-6)
     assert clf.predict_cutouts(x[:0]).shape == (0,)
     assert saved_model.stat().st_size < 2_000_000
+    assert saved_model.with_suffix(".onnx").stat().st_size < 2_000_000
     meta = json.loads(saved_model.with_suffix(".json").read_text())
     assert meta["format"] == "robopol_clean.cnn"
+    assert meta["onnx"]["file"] == "net.onnx"
     assert clf.describe()["model"] == "net.keras"
 
 
@@ -148,11 +157,13 @@ def test_predict_rejects_wrong_shape(saved_model):
         clf.predict_cutouts(np.zeros((2, 32, 32)))
 
 
-def test_corrupt_model_file(tmp_path, saved_model):
+def test_corrupt_keras_file(tmp_path, saved_model):
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"this is not a zip file")
     bad.with_suffix(".json").write_text(saved_model.with_suffix(".json").read_text())
     with pytest.raises(ModelError, match="bad.keras"):
+        CNNClassifier.load(bad, backend="keras")
+    with pytest.raises(ModelError, match="bad.onnx"):  # the metadata names a graph
         CNNClassifier.load(bad)
 
 
@@ -235,7 +246,7 @@ def test_default_model_if_shipped():
     if not path.exists():
         pytest.skip("no shipped model yet")
     clf = CNNClassifier.load()
-    assert clf.path == path
+    assert clf.path == path and clf.backend == "onnxruntime"
     assert clf.metadata["normalisation"]["version"] == NORMALISATION_VERSION
     assert path.stat().st_size < 2_000_000
     p = clf.predict_cutouts(np.zeros((3, 64, 64), np.float32))

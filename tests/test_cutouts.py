@@ -96,3 +96,16 @@ def test_resampled_cutouts(image):
     assert np.isnan(resampled_cutouts(ramp, [1.0], [1.0], 8, 2.0)).any()  # off the frame
     with pytest.raises(ValueError, match="scale"):
         resample_image(ramp, 0.0)
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.1037, 2.5])
+def test_resample_image_is_bilinear_interpolation(scale):
+    from scipy.ndimage import map_coordinates
+
+    img = np.random.default_rng(4).normal(0, 100, (53, 71)).astype(np.float32)
+    small = resample_image(img, scale)
+    rows, cols = np.meshgrid(np.arange(small.shape[0]) * scale, np.arange(small.shape[1]) * scale,
+                             indexing="ij")
+    assert rows.max() <= img.shape[0] - 1 and rows.max() > img.shape[0] - 1 - scale
+    ref = map_coordinates(img.astype(float), [rows, cols], order=1)
+    np.testing.assert_allclose(small, ref, rtol=0, atol=1e-3)

@@ -372,7 +372,18 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _require_training_tools(command: str) -> None:
+    """train and evaluate need the [train] extra; reduce does not."""
+    from importlib.util import find_spec
+
+    missing = [m for m in ("tensorflow", "keras", "onnx", "sklearn") if find_spec(m) is None]
+    if missing:
+        raise CLIError(f"'{command}' needs the training tools ({', '.join(missing)} not installed): "
+                       f"pip install 'robopol-clean[train]'")
+
+
 def _run_train(args) -> int:
+    _require_training_tools("train")
     from .io import OutputError, check_writable
     from .training import DEFAULT_MODEL_CONFIG, train
 
@@ -406,6 +417,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
+    _require_training_tools("evaluate")
     import json
 
     from .classify.cnn import CNNClassifier, ModelError

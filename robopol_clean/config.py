@@ -136,6 +136,9 @@ class CueConfig(_Settings):
         evidence is halved, and the width of that ramp.
     support_min_snr : float
         Each partner of a supported spot must be measured at least at this S/N.
+    support_keep : float
+        Fraction of a learned artifact score kept for a spot with full partner support
+        (0: a confirmed quadruplet is a star whatever its cutout looks like).
     """
 
     same_pair_min_ratio: float = 0.6
@@ -146,9 +149,12 @@ class CueConfig(_Settings):
     missing_half: float = 0.2
     missing_width: float = 0.2
     support_min_snr: float = 5.0
+    support_keep: float = 0.0
 
     def __post_init__(self):
-        _positive(self, *(f.name for f in fields(self)))
+        _positive(self, *(f.name for f in fields(self) if f.name != "support_keep"))
+        if not 0.0 <= self.support_keep <= 1.0:
+            raise ValueError(f"support_keep must be in [0, 1], got {self.support_keep!r}")
 
 
 @dataclass(frozen=True)

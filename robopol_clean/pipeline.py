@@ -349,7 +349,7 @@ def _scored_scene(ccd: CCDData, profile: InstrumentProfile, clf: SpotClassifier,
         if bad is not None:
             residual = np.where(bad, np.float32(0.0), residual)
         scene = FrameScene(residual, background, background_rms, spots, profile,
-                           grouping.geometry, fwhm, bad)
+                           grouping.geometry, fwhm, bad, cfg.cues)
         scores = clf.score(scene) if len(spots) else Table({"p_artifact": np.zeros(0)})
         for col in scores.colnames:
             spots[col] = np.asarray(scores[col], float)

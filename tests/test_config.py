@@ -74,3 +74,17 @@ def test_toml_file_round_trip_and_errors(tmp_path):
 def test_frozen():
     with pytest.raises(AttributeError):
         ReductionConfig().threshold = 0.9
+
+
+def test_cue_settings_reach_the_partner_cues(small_sim, profile, morphology):
+    """A changed cue tolerance changes p_orphan, and the change is recorded."""
+    import numpy as np
+
+    from robopol_clean.pipeline import reduce_frame
+
+    base = reduce_frame(small_sim.ccd, profile=profile, classifier=morphology)
+    strict = reduce_frame(small_sim.ccd, profile=profile, classifier=morphology,
+                          config=ReductionConfig(cues=CueConfig(orphan_z_half=1.0)))
+    assert strict.meta["config"] == {"cues.orphan_z_half": 1.0}
+    detected = np.isfinite(np.asarray(base.spots["p_orphan"], float))
+    assert np.sum(strict.spots["p_orphan"][detected]) > np.sum(base.spots["p_orphan"][detected])

@@ -10,11 +10,12 @@ classifier it holds.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.table import Table
 
+from ..config import CueConfig
 from ..instrument import InstrumentProfile, SpotGeometry
 
 __all__ = ["FrameScene", "SpotClassifier", "noisy_or", "decide"]
@@ -42,6 +43,8 @@ class FrameScene:
         The frame's stellar FWHM (px).
     mask : ndarray or None
         Pixels not to trust (True = bad).
+    cues : CueConfig
+        Tolerances of the partner cues (:class:`~robopol_clean.config.CueConfig`).
     """
 
     data: np.ndarray
@@ -52,6 +55,7 @@ class FrameScene:
     geometry: SpotGeometry
     fwhm: float
     mask: np.ndarray | None = None
+    cues: CueConfig = field(default_factory=CueConfig)
 
 
 class SpotClassifier(abc.ABC):

@@ -23,6 +23,11 @@ The light ratio of the two analyser pairs varies over the field (on RoboPol by a
 (:func:`~robopol_clean.stokes.pair_ratio_residuals`), so the expected partner fluxes
 follow the frame, not a number in the code. Partners behind the focal-plane mask are
 expected to be dimmer by at most the ratio of the mask transmissions.
+
+The tolerances are settings of the reduction (:class:`~robopol_clean.config.CueConfig`,
+carried by the :class:`~robopol_clean.classify.base.FrameScene`), recorded with every
+catalogue; their defaults were chosen on the cue-tuning frames listed in
+:doc:`/seeds`.
 """
 
 from __future__ import annotations
@@ -38,27 +43,6 @@ from .base import FrameScene, noisy_or
 
 __all__ = ["PartnerEvidence", "partner_evidence", "combine_evidence", "scores_table",
            "forced_sums", "fit_pair_ratio"]
-
-#: Smallest partner/spot flux ratio within one analyser pair, (1 - q) / (1 + q):
-#: 0.6 allows |q| up to 0.25.
-SAME_PAIR_MIN_RATIO = 0.6
-#: Tolerance on the fitted ratio of the two pairs (polarization, fit errors).
-OTHER_PAIR_TOLERANCE = 0.6
-#: Smallest other-pair/spot ratio when no pair ratio could be fitted (few quadruplets):
-#: the conservative bound for RoboPol's whole field.
-OTHER_PAIR_FALLBACK_RATIO = 0.25
-#: Partner deficit (in sigma) at which p_orphan = 0.5, and the width of the ramp 0 -> 1.
-ORPHAN_Z_HALF = 3.5
-ORPHAN_Z_WIDTH = 3.0
-#: Fraction of the lowest plausible partner light found missing at which the orphan
-#: evidence is halved, and the width of that ramp.
-MISSING_HALF = 0.2
-MISSING_WIDTH = 0.2
-#: Each partner of a supported spot must be measured at least at this S/N.
-SUPPORT_MIN_SNR = 5.0
-#: Fraction of a learned artifact score kept for a spot with full partner support.
-SUPPORT_KEEP = 0.0
-
 
 @dataclass
 class PartnerEvidence:
@@ -79,6 +63,8 @@ class PartnerEvidence:
     log_pair_ratio : float or None
         Median fitted ``log((F45 + F135) / (F0 + F90))`` of the frame (None if it could
         not be fitted and the conservative fallback was used).
+    support_keep : float
+        Fraction of a learned score kept for supported spots (``CueConfig.support_keep``).
     """
 
     p_orphan: np.ndarray
@@ -86,6 +72,7 @@ class PartnerEvidence:
     support: np.ndarray
     channel: np.ndarray
     log_pair_ratio: float | None = None
+    support_keep: float = 0.0
 
 
 def forced_sums(data: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float,
@@ -195,7 +182,7 @@ def partner_evidence(scene: FrameScene, *, min_transmission: float = 0.1) -> Par
     -------
     PartnerEvidence
     """
-    spots, prof = scene.spots, scene.profile
+    spots, prof, cues = scene.spots, scene.profile, scene.cues
     channels = prof.channels
     n = len(spots)
     if n == 0:
@@ -240,13 +227,13 @@ def partner_evidence(scene: FrameScene, *, min_transmission: float = 0.1) -> Par
             # its flux in each u-channel partner and a u-channel spot 1/R.
             log_r = fit.model_at((xc - geo.center[0]) / geo.scale, (yc - geo.center[1]) / geo.scale)
             other_ratio = np.exp(log_r if ch in qset else -log_r)
-            other_min = OTHER_PAIR_TOLERANCE * other_ratio
+            other_min = cues.other_pair_tolerance * other_ratio
         else:
             other_ratio = np.ones(n)
-            other_min = np.full(n, OTHER_PAIR_FALLBACK_RATIO)
+            other_min = np.full(n, cues.other_pair_fallback_ratio)
         same = np.array([{ch, k} <= qset or {ch, k} <= uset for k in others])[:, None]
         expected = np.where(same, 1.0, other_ratio[None, :])
-        lowest = np.where(same, SAME_PAIR_MIN_RATIO, other_min[None, :])
+        lowest = np.where(same, cues.same_pair_min_ratio, other_min[None, :])
         highest = expected**2 / lowest
         # Light behind the mask may be dimmed, never brightened.
         lowest = lowest * np.minimum(t_partner / np.maximum(own_t, 1e-3)[None, :], 1.0)
@@ -263,14 +250,14 @@ def partner_evidence(scene: FrameScene, *, min_transmission: float = 0.1) -> Par
         # whose own spot is boosted by a neighbour lacks a few sigma of partner light,
         # an artifact lacks nearly all of it.
         missing = np.clip(np.nan_to_num(missing, nan=0.0, posinf=1.0), 0.0, 1.0)
-        p_h[h] = (np.clip(0.5 + (z_h[h] - ORPHAN_Z_HALF) / ORPHAN_Z_WIDTH, 0.0, 1.0)
-                  * np.clip(0.5 + (missing - MISSING_HALF) / MISSING_WIDTH, 0.0, 1.0))
+        p_h[h] = (np.clip(0.5 + (z_h[h] - cues.orphan_z_half) / cues.orphan_z_width, 0.0, 1.0)
+                  * np.clip(0.5 + (missing - cues.missing_half) / cues.missing_width, 0.0, 1.0))
 
         # support: every observable partner clearly there, neither too faint nor too bright
         tol = np.sqrt(sigma**2 + (expected * own_err) ** 2)
         consistent = ((measured > lowest * own_pos - 2 * tol)
                       & (measured < highest * own_pos + 2 * tol)
-                      & (measured > SUPPORT_MIN_SNR * sigma))
+                      & (measured > cues.support_min_snr * sigma))
         support_h[h] = (visible.sum(axis=0) >= 2) & np.all(consistent | ~visible, axis=0)
 
     # The spot is judged under its most star-like channel, except in a pair found by the
@@ -293,11 +280,11 @@ def partner_evidence(scene: FrameScene, *, min_transmission: float = 0.1) -> Par
     if fit is not None:
         log_ratio = float(np.nanmedian(fit.model)) if np.isfinite(fit.model).any() else None
     return PartnerEvidence(p_orphan, z_orphan, support_h.any(axis=0), np.asarray(channels)[best],
-                           log_ratio)
+                           log_ratio, cues.support_keep)
 
 
 def combine_evidence(p_learned: np.ndarray, evidence: PartnerEvidence | None,
-                     support_keep: float = SUPPORT_KEEP) -> np.ndarray:
+                     support_keep: float | None = None) -> np.ndarray:
     """A classifier's artifact score combined with the partner evidence.
 
     ``p_artifact = noisy_or(p_learned * k, p_orphan)`` with ``k = support_keep`` for
@@ -312,12 +299,14 @@ def combine_evidence(p_learned: np.ndarray, evidence: PartnerEvidence | None,
         The classifier's own score per spot.
     evidence : PartnerEvidence or None
         From :func:`partner_evidence`; None returns ``p_learned``.
-    support_keep : float
-        Fraction of ``p_learned`` kept for supported spots.
+    support_keep : float, optional
+        Fraction of ``p_learned`` kept for supported spots (default: the evidence's,
+        from ``CueConfig.support_keep``).
     """
     p = np.asarray(p_learned, float)
     if evidence is None:
         return p
+    support_keep = evidence.support_keep if support_keep is None else support_keep
     return noisy_or(np.where(evidence.support, support_keep * p, p), evidence.p_orphan)
 
 

@@ -222,6 +222,8 @@ def reduce_frame(
         "aperture_radius": float(radius),
         "n_spots": int(np.count_nonzero(~added_by_photometry(spots))),
         "n_predicted": int(np.count_nonzero(added_by_photometry(spots))),
+        # spots measured at predicted positions can complete a group
+        "n_quadruplets": int(np.count_nonzero(groups["complete"])) if len(groups) else 0,
         "n_stokes": len(stokes),
         "n_clean": int(np.count_nonzero(np.asarray(stokes["flags"]) == 0)),
         "photometry": config.method,

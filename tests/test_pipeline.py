@@ -121,3 +121,11 @@ def test_detector_region_uses_its_origin(profile, morphology):
     # With the origin ignored, mask and geometry were misplaced: no clean quadruplet at all.
     assert c["stars_measured"] >= 0.25 * c["stars_complete"] > 0
     assert c["star_spots_rejected"] <= 0.05 * c["star_spots_detected"]
+
+
+def test_counts_are_consistent(result):
+    """clean rows <= Stokes rows <= complete quadruplets (after photometry completed groups)."""
+    m = result.meta
+    assert 0 < m["n_clean"] <= m["n_stokes"] <= m["n_quadruplets"]
+    assert m["n_quadruplets"] == int(result.groups["complete"].sum())
+    assert m["n_clean"] == int((result.stokes["flags"] == 0).sum())

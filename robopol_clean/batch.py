@@ -421,6 +421,8 @@ def _earlier_summary(path: Path) -> dict[str, dict]:
 def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike) -> dict[str, Path]:
     """Night products: ``summary.ecsv``, ``stokes_all.ecsv``, ``failures.ecsv``, ``night_report.png``.
 
+    ``night_report.png`` is drawn when at least two frames have spots.
+
     The per-frame catalogues are read back from ``outdir`` (frames reduced in an earlier,
     resumed run count too), so nothing large is held in memory while the night runs.
     """
@@ -488,7 +490,7 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
         written["failures"] = failures_path
     else:
         failures_path.unlink(missing_ok=True)  # a resumed night that now succeeded
-    if p_all:
+    if len(p_all) > 1:  # a night of several frames (one frame has its own products)
         from .plots import plot_night_report
 
         p = np.concatenate(p_all)

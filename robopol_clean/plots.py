@@ -146,12 +146,10 @@ def plot_night_report(p_artifact, snr, frames, rejection_rates, path=None):
     path : path-like, optional
         Where to save a PNG.
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
+    fig = Figure(figsize=(15, 4.6), dpi=100)
+    axes = fig.subplots(1, 3)
     p = np.asarray(p_artifact, float)
     snr = np.asarray(snr, float)
     finite = np.isfinite(p) & np.isfinite(snr)  # spots measured at a predicted position have no S/N
@@ -179,7 +177,6 @@ def plot_night_report(p_artifact, snr, frames, rejection_rates, path=None):
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, format="png")
-        plt.close(fig)
     return fig
 
 

@@ -202,6 +202,46 @@ def test_input_validation_and_untouched_data():
     assert np.isfinite(t["flux"][0]) and np.isnan(t["flux"][1]) and np.isnan(t["x_fit"][1])
 
 
+def test_no_spots_gives_an_empty_table():
+    data = noisy(render([], [], []), np.random.default_rng(0))
+    t = fit_spots(data, [], [], PSF, background=SKY, gain=GAIN, read_noise=RON)
+    assert len(t) == 0 and "flux_err" in t.colnames and "residual" in t.colnames
+
+
+def test_normal_equations_from_stamps_match_the_dense_design():
+    """The normal equations assembled from the spots' stamps (own blocks, and the pairs
+    of spots that share pixels) are those of the dense design: fluxes, and position
+    corrections with columns ``-flux * dP/dx``, on the usable pixels within ``r_fit``
+    of any spot."""
+    from robopol_clean.photometry.fit import _Layout, _Stamps
+
+    x = np.array([30.2, 34.9, 37.1, 60.4, 20.0, 88.6])  # a chain of blends, isolated, edge
+    y = np.array([40.3, 41.8, 36.2, 60.1, 70.7, 45.0])
+    n, r_fit, r_mod = x.size, 6.45, 10.75
+    unusable = np.zeros(SHAPE, bool)
+    unusable[40, 33:36] = True
+    lay = _Layout(_Stamps(r_mod, SHAPE, PSF), x, y, r_fit, r_mod, unusable.ravel())
+    yy, xx = np.divmod(lay.fit_pix, SHAPE[1])
+    near_any = np.min((xx[:, None] - x) ** 2 + (yy[:, None] - y) ** 2, axis=1) <= r_fit**2
+    assert np.all(near_any) and not np.any(unusable.ravel()[lay.fit_pix])
+    rng = np.random.default_rng(5)
+    flux = rng.uniform(500.0, 5000.0, n)
+    A = np.zeros((lay.fit_pix.size, 3 * n))
+    for j in range(n):
+        near = (xx - x[j]) ** 2 + (yy - y[j]) ** 2 <= r_mod**2
+        gx, gy = PSF.gradient(xx - x[j], yy - y[j])
+        A[near, j] = PSF.evaluate(xx - x[j], yy - y[j])[near]
+        A[near, n + j], A[near, 2 * n + j] = -flux[j] * gx[near], -flux[j] * gy[near]
+    w = rng.uniform(0.05, 0.2, lay.fit_pix.size)
+    r = rng.normal(0.0, 10.0, lay.fit_pix.size)
+    for cols, kw in ((slice(0, n), {}), (slice(None), {"move": np.ones(n, bool), "flux": flux})):
+        D = A[:, cols]
+        N = D.T @ (w[:, None] * D)
+        sol, diag = lay.solve(w, r, 0.0, want_diag=True, **kw)
+        np.testing.assert_allclose(sol, np.linalg.solve(N, D.T @ (w * r)), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(diag, np.diag(np.linalg.inv(N)), rtol=1e-4)
+
+
 # -- the sparse solver ---------------------------------------------------------------------
 
 

@@ -132,6 +132,60 @@ def test_gradient_matches_finite_differences(shape):
     assert psf.gradient(np.array([0.0]), np.array([-2.0]))[1][0] > 0
 
 
+@pytest.mark.parametrize("radius", [11.7, 25.0])
+def test_stamp_sampler_matches_evaluate(radius):
+    """The per-source tabulation the joint fit uses gives the PSF and its gradient of
+    :meth:`PSFModel.evaluate` at every stamp pixel, zero beyond the grid."""
+    from robopol_clean.photometry.psf import _StampSampler
+
+    psf = moffat_psf(4.3, 3.2, ellipticity=0.1, theta=30.0)
+    h = int(np.ceil(radius)) + 1
+    ky, kx = np.mgrid[-h:h + 1, -h:h + 1]
+    near = np.hypot(kx, ky) <= radius
+    kx, ky = kx[near], ky[near]
+    rng = np.random.default_rng(2)
+    fx, fy = rng.uniform(-0.5, 0.5, (2, 60))
+    fx[:3], fy[:3] = [0.5, -0.5, 0.0], [-0.5, 0.5, 0.0]
+    values = _StampSampler(psf, kx, ky)(fx, fy, grids=(0, 1, 2))
+    ref = psf.evaluate_with_gradient(kx[None] - fx[:, None], ky[None] - fy[:, None])
+    for v, r in zip(values, ref):
+        assert v.shape == (60, kx.size) and v.dtype == np.float32
+        np.testing.assert_allclose(v, r, rtol=0, atol=1e-6 * np.abs(r).max())
+    assert np.all(values[0][:, np.maximum(abs(kx), abs(ky)) > psf.radius + 1] == 0)
+
+
+def test_profile_derivatives_match_finite_differences():
+    """The analytic Jacobian of the PSF fit: derivatives of the pixel-integrated Moffat
+    with respect to log l11, l21, log l22, beta and the offsets."""
+    from robopol_clean.photometry.psf import _pixel_integrated
+
+    rng = np.random.default_rng(3)
+    dx, dy = rng.uniform(-6.0, 6.0, (2, 300))
+    p = np.array([np.log(0.21), 0.03, np.log(0.19), 3.1])
+
+    def value(q, ox=0.0, oy=0.0):
+        return _pixel_integrated(dx + ox, dy + oy, (np.exp(q[0]), q[1], np.exp(q[2])), q[3])
+
+    terms = _pixel_integrated(dx, dy, (np.exp(p[0]), p[1], np.exp(p[2])), p[3],
+                              derivatives=True)
+    np.testing.assert_allclose(terms[0], value(p), rtol=1e-12)
+    h = 1e-6
+    numeric = [(value(p + h * e) - value(p - h * e)) / (2 * h) for e in np.eye(4)]
+    numeric += [(value(p, h, 0) - value(p, -h, 0)) / (2 * h),
+                (value(p, 0, h) - value(p, 0, -h)) / (2 * h)]
+    for analytic, fd in zip(terms[1:], numeric):
+        np.testing.assert_allclose(analytic, fd, rtol=1e-5, atol=1e-7 * np.abs(fd).max())
+
+
+def test_importing_photometry_leaves_scipy_optimize_out():
+    """Start-up weight: the PSF fit needs no scipy.optimize."""
+    import subprocess
+    import sys
+
+    code = "import sys, robopol_clean.photometry; sys.exit('scipy.optimize' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
 # -- the fit -------------------------------------------------------------------------------
 
 

@@ -506,26 +506,22 @@ def _gather(arrays, shape, xc, yc, dx, dy, reach, fills):
     """Values of several same-shape 2-D arrays at ``(xc + dx, yc + dy)`` for every spot.
 
     Returns one ``(n_spots, len(dx))`` array per input; off-image pixels get the fill.
-    Spots at least ``reach`` pixels inside the frame take a fast path without checks.
+    Only spots less than ``reach`` pixels from the border are checked.
     """
     ny, nx = shape
     xi, yi = xc.astype(np.int64), yc.astype(np.int64)
-    interior = (xi >= reach) & (xi < nx - reach) & (yi >= reach) & (yi < ny - reach)
-    offsets = dy.astype(np.int64) * nx + dx
-    outs = [np.empty((xi.size, dx.size), arr.dtype) for arr in arrays]
-    rows = np.flatnonzero(interior)
-    if rows.size:
-        flat = (yi[rows] * nx + xi[rows])[:, None] + offsets[None, :]
-        for out, arr in zip(outs, arrays):
-            out[rows] = arr.ravel().take(flat)
-    rows = np.flatnonzero(~interior)
-    if rows.size:
-        px = xi[rows, None] + dx[None, :]
-        py = yi[rows, None] + dy[None, :]
+    flat = (yi * nx + xi)[:, None] + (dy.astype(np.int64) * nx + dx)[None, :]
+    edge = np.flatnonzero((xi < reach) | (xi >= nx - reach) | (yi < reach) | (yi >= ny - reach))
+    valid = None
+    if edge.size:
+        px = xi[edge, None] + dx[None, :]
+        py = yi[edge, None] + dy[None, :]
         valid = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
-        flat = np.where(valid, py * nx + px, 0)
-        for out, arr, fill in zip(outs, arrays, fills):
-            out[rows] = np.where(valid, arr.ravel().take(flat), fill)
+        flat[edge] = np.where(valid, py * nx + px, 0)
+    outs = [arr.ravel().take(flat) for arr in arrays]
+    if valid is not None:
+        for out, fill in zip(outs, fills):
+            out[edge] = np.where(valid, out[edge], fill)
     return outs
 
 
@@ -580,8 +576,9 @@ def clipped_sky(values: np.ndarray, sigma_lower: float = 3.0, sigma_upper: float
 
     The same clipping as `astropy.stats.SigmaClip` with its default median centre and
     standard-deviation width, vectorised over rows: each row is sorted once, so every
-    clipping pass keeps a contiguous run of the sorted values and its median and
-    standard deviation come from indices and cumulative sums.
+    clipping pass keeps a contiguous run of the sorted values; its median is an index,
+    its limits are binary searches, and its standard deviation comes from the row sums
+    less the values clipped so far.
 
     Parameters
     ----------
@@ -608,26 +605,24 @@ def clipped_sky(values: np.ndarray, sigma_lower: float = 3.0, sigma_upper: float
     >>> float(level[0]), int(count[0])
     (2.5, 4)
     """
-    v = np.asarray(values)
-    v = np.where(np.isfinite(v), v, np.inf)
-    srt = np.sort(v, axis=1)
-    n_rows = srt.shape[0]
-    hi = np.count_nonzero(np.isfinite(srt), axis=1)
+    srt = np.asarray(values)
+    srt = np.where(np.isfinite(srt), srt, np.inf)
+    srt.sort(axis=1)
+    n_rows, width = srt.shape
+    hi = np.count_nonzero(srt < np.inf, axis=1)
     lo = np.zeros(n_rows, np.int64)
     rows = np.arange(n_rows)
 
     def median(lo_, hi_, r_):
         cnt = hi_ - lo_
-        a = np.clip(lo_ + (cnt - 1) // 2, 0, srt.shape[1] - 1)
-        b = np.clip(lo_ + cnt // 2, 0, srt.shape[1] - 1)
+        a = np.clip(lo_ + (cnt - 1) // 2, 0, width - 1)
+        b = np.clip(lo_ + cnt // 2, 0, width - 1)
         return 0.5 * (srt[r_, a].astype(float) + srt[r_, b])
 
     ref = np.where(hi > 0, median(lo, hi, rows), 0.0)
-    z = np.where(np.isfinite(srt), srt - ref[:, None], 0.0)
-    c1 = np.zeros((n_rows, srt.shape[1] + 1))
-    c2 = np.zeros_like(c1)
-    np.cumsum(z, axis=1, out=c1[:, 1:])
-    np.cumsum(z * z, axis=1, out=c2[:, 1:])
+    z = np.where(srt < np.inf, srt - ref[:, None], 0.0)  # centred, for precise sums
+    s1 = z.sum(axis=1)
+    s2 = np.einsum("ij,ij->i", z, z)
     active = rows[hi > 0]
     for _ in range(int(maxiters)):
         if not active.size:
@@ -635,14 +630,18 @@ def clipped_sky(values: np.ndarray, sigma_lower: float = 3.0, sigma_upper: float
         la, ha_ = lo[active], hi[active]
         cnt = ha_ - la
         med = median(la, ha_, active)
-        s1 = (c1[active, ha_] - c1[active, la]) / cnt
-        s2 = (c2[active, ha_] - c2[active, la]) / cnt
-        std = np.sqrt(np.maximum(s2 - s1**2, 0.0))
-        row = srt[active]
-        new_lo = np.maximum(la, np.count_nonzero(row < (med - sigma_lower * std)[:, None], axis=1))
-        new_hi = np.minimum(ha_, np.count_nonzero(row <= (med + sigma_upper * std)[:, None],
-                                                  axis=1))
+        mean = s1[active] / cnt
+        std = np.sqrt(np.maximum(s2[active] / cnt - mean**2, 0.0))
+        new_lo = np.maximum(la, _rank(srt, active, med - sigma_lower * std, strict=True))
+        new_hi = np.minimum(ha_, _rank(srt, active, med + sigma_upper * std, strict=False))
         changed = (new_lo != la) | (new_hi != ha_)
+        # take the values clipped in this pass out of the sums
+        ch = active[changed]
+        gone = _ranges(np.concatenate([ch * width + la[changed], ch * width + new_hi[changed]]),
+                       np.concatenate([ch * width + new_lo[changed], ch * width + ha_[changed]]))
+        zg = z.ravel()[gone]
+        s1 -= np.bincount(gone // width, weights=zg, minlength=n_rows)
+        s2 -= np.bincount(gone // width, weights=zg * zg, minlength=n_rows)
         lo[active], hi[active] = new_lo, new_hi
         active = active[changed & (new_hi > new_lo)]
     cnt = hi - lo
@@ -650,8 +649,31 @@ def clipped_sky(values: np.ndarray, sigma_lower: float = 3.0, sigma_upper: float
         if statistic == "median":
             level = median(lo, hi, rows)
         else:
-            level = ref + (c1[rows, hi] - c1[rows, lo]) / cnt
+            level = ref + s1 / cnt
     return np.where(cnt > 0, level, np.nan), np.maximum(cnt, 0)
+
+
+def _rank(srt: np.ndarray, rows: np.ndarray, t: np.ndarray, strict: bool) -> np.ndarray:
+    """Number of entries of each sorted row ``srt[rows]`` below ``t`` (``<`` if
+    ``strict``, else ``<=``): a binary search, vectorised over the rows."""
+    width = srt.shape[1]
+    lo = np.zeros(rows.size, np.int64)
+    hi = np.full(rows.size, width)
+    for _ in range(int(width).bit_length()):
+        mid = np.minimum((lo + hi) // 2, width - 1)
+        v = srt[rows, mid]
+        go = (v < t if strict else v <= t) & (lo < hi)
+        stop = ~go & (lo < hi)
+        lo = np.where(go, mid + 1, lo)
+        hi = np.where(stop, mid, hi)
+    return lo
+
+
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """All integers of the ranges ``[starts, stops)``, concatenated."""
+    length = np.maximum(stops - starts, 0)
+    return (np.repeat(starts - (np.cumsum(length) - length), length)
+            + np.arange(int(length.sum())))
 
 
 def circle_overlap_weights(fx, fy, radius: float, offsets: np.ndarray) -> np.ndarray:

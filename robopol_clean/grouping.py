@@ -292,7 +292,7 @@ class _Scorer:
             bad = has & (dist > self.tol)
             if self.logf is not None:
                 lf = np.where(has, self.logf[np.where(has, members, 0)], np.nan)
-                med = np.nanmedian(np.where(has.any(axis=1)[:, None], lf, 0.0), axis=1)
+                med = _row_nanmedian(np.where(has.any(axis=1)[:, None], lf, 0.0))
                 dev = np.abs(lf - med[:, None])
                 bad |= has & (dev > self.log_ff)
             # Drop the worst offender only (one per pass), keeping at least one spot.
@@ -313,12 +313,22 @@ class _Scorer:
         cost = d2.sum(axis=1) / self.tol**2
         if self.logf is not None:
             lf = np.where(has, self.logf[np.where(has, members, 0)], np.nan)
-            with np.errstate(invalid="ignore"):
-                med = np.nanmedian(np.where(nmem[:, None] > 0, lf, 0.0), axis=1)
+            med = _row_nanmedian(np.where(nmem[:, None] > 0, lf, 0.0))
             dev = np.where(has, lf - med[:, None], 0.0) / self.log_ff
             cost = cost + self.flux_weight * (dev**2).sum(axis=1)
         cost = cost / np.maximum(nmem, 1)
         return members, cen, nmem, rms, cost
+
+
+def _row_nanmedian(a: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(a, axis=1)`` for the few columns of a candidate table, without the
+    masked-array machinery nanmedian uses on small axes (NaN for all-NaN rows)."""
+    srt = np.sort(a, axis=1)  # NaN sort last
+    n = np.count_nonzero(~np.isnan(a), axis=1)
+    rows = np.arange(a.shape[0])
+    lo = srt[rows, np.maximum((n - 1) // 2, 0)]
+    hi = srt[rows, np.minimum(n // 2, a.shape[1] - 1)]
+    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
 def _candidates(xy: np.ndarray, tree: cKDTree, geometry: SpotGeometry, tol: float) -> np.ndarray:

@@ -116,6 +116,21 @@ def get_classifier(classifier: str | SpotClassifier | None = None) -> SpotClassi
 
 
 @contextmanager
+def _one_blas_thread():
+    """Run NumPy's BLAS on one thread inside a reduction.
+
+    The stages multiply many small matrices (filters, mesh interpolation, normal
+    equations); a multi-threaded BLAS spends more time waking its threads than
+    computing, and on a busy machine its spinning threads slow a frame several-fold.
+    The second core goes to the network's inference threads instead.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@contextmanager
 def _timed(timings: dict, stage: str):
     t0 = time.perf_counter()
     yield
@@ -163,10 +178,16 @@ def reduce_frame(
                                               detection_threshold=detection_threshold)
     if uncertain_band != "config":
         cfg = replace(cfg, uncertain_band=uncertain_band)
-    config = cfg.photometry
-    threshold = cfg.threshold
     profile = load_profile(profile)
     clf = get_classifier(classifier)
+    with _one_blas_thread():
+        return _reduce(ccd, profile, clf, cfg, name)
+
+
+def _reduce(ccd: CCDData, profile: InstrumentProfile, clf: SpotClassifier, cfg: ReductionConfig,
+            name: str) -> FrameResult:
+    config = cfg.photometry
+    threshold = cfg.threshold
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     sc = _scored_scene(ccd, profile, clf, cfg, name, timings)
@@ -285,7 +306,8 @@ def clean_artifacts(ccd: CCDData, *, profile: str | InstrumentProfile = "robopol
     clf = get_classifier(classifier)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    sc = _scored_scene(ccd, load_profile(profile), clf, cfg, "frame", timings)
+    with _one_blas_thread():
+        sc = _scored_scene(ccd, load_profile(profile), clf, cfg, "frame", timings)
     out = _masked_copy(ccd, sc)
     timings["total"] = time.perf_counter() - t_start
     if add_keyword:

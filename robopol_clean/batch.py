@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .inputs import expand_inputs, precheck_frame, stem_of
 from .instrument import InstrumentProfile, load_profile
 from .io import FrameError, OutputError, read_frame
@@ -31,6 +33,8 @@ class FileOutcome:
     """What happened to one input file.
 
     ``status`` is ``"done"``, ``"skipped"`` (products already there) or ``"failed"``.
+    A reduced frame also carries its counts (``summary``) and, for the night report,
+    every detection's ``p_artifact`` and ``snr`` (a few tens of kB).
     """
 
     path: str
@@ -39,6 +43,8 @@ class FileOutcome:
     summary: dict = field(default_factory=dict)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    p_artifact: np.ndarray | None = None
+    snr: np.ndarray | None = None
 
     def describe(self) -> str:
         """One line for logs: ``<path>: done: ...``, ``<path>: skipped ...`` or ``failed: <error>``."""
@@ -103,7 +109,7 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
         return FileOutcome(path, "failed", problem)
     caught: list[str] = []
     try:
-        from .pipeline import reduce_frame
+        from .pipeline import added_by_photometry, reduce_frame
 
         prof = load_profile(profile)
         with warnings.catch_warnings(record=True) as records:
@@ -121,15 +127,12 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
                            seconds=time.perf_counter() - t0, warnings=caught)
     summary = result.summary()
     clean = result.stokes[result.stokes["flags"] == 0]
-    summary["median_q_err"] = float(_median(clean["q_err"])) if len(clean) else float("nan")
+    summary["median_q_err"] = float(np.median(clean["q_err"])) if len(clean) else float("nan")
+    detected = ~added_by_photometry(result.spots)
     return FileOutcome(path, "done", summary=summary, seconds=time.perf_counter() - t0,
-                       warnings=caught)
-
-
-def _median(values) -> float:
-    import numpy as np
-
-    return float(np.median(np.asarray(values, float)))
+                       warnings=caught,
+                       p_artifact=np.asarray(result.spots["p_artifact"], np.float32)[detected],
+                       snr=np.asarray(result.spots["snr"], np.float32)[detected])
 
 
 def _unique_messages(records) -> list[str]:
@@ -392,15 +395,32 @@ def _take(iterator, n):
     return out
 
 
-def _complete_groups(spots) -> int:
-    """Groups with a spot in every channel, counted from a spots table."""
-    import numpy as np
+#: Columns of ``summary.ecsv``, one row per reduced frame.
+_SUMMARY_COLUMNS = ("frame", "n_spots", "n_rejected", "n_uncertain", "n_quadruplets", "n_stokes",
+                    "n_clean", "median_q_err", "seconds")
 
-    if not len(spots):
-        return 0
-    gid = np.asarray(spots["group_id"])
-    counts = np.bincount(gid[gid >= 0]) if (gid >= 0).any() else np.zeros(0, int)
-    return int(np.count_nonzero(counts >= 4))
+
+def _skipped_frame(name: str, spots_path: Path, stokes, earlier: dict):
+    """Summary row (the earlier run's, else counted again) and scores of a skipped frame."""
+    from astropy.table import Table
+
+    from .pipeline import added_by_photometry
+
+    spots = Table.read(spots_path, format="ascii.ecsv")
+    detected = spots[~added_by_photometry(spots)]
+    if name in earlier:
+        row = earlier[name]
+    else:
+        clean = stokes[stokes["flags"] == 0]
+        gid = np.asarray(spots["group_id"])
+        row = {"frame": name, "n_spots": len(detected),
+               "n_rejected": int(np.count_nonzero(detected["rejected"])),
+               "n_uncertain": int(np.count_nonzero(detected["uncertain"])),
+               "n_quadruplets": int(np.count_nonzero(np.bincount(gid[gid >= 0]) >= 4))
+               if (gid >= 0).any() else 0,
+               "n_stokes": len(stokes), "n_clean": len(clean),
+               "median_q_err": float(np.median(clean["q_err"])) if len(clean) else np.nan}
+    return row, np.asarray(detected["p_artifact"], float), np.asarray(detected["snr"], float)
 
 
 def _earlier_summary(path: Path) -> dict[str, dict]:
@@ -423,10 +443,11 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
 
     ``night_report.png`` is drawn when at least two frames have spots.
 
-    The per-frame catalogues are read back from ``outdir`` (frames reduced in an earlier,
-    resumed run count too), so nothing large is held in memory while the night runs.
+    Reduced frames report their counts and scores in their outcome; the Stokes
+    catalogues, and the spots of frames skipped on a rerun (whose earlier summary row
+    is kept), are read back from ``outdir``, so nothing large is held in memory while
+    the night runs.
     """
-    import numpy as np
     from astropy.table import Table, vstack
 
     from .io import write_atomic
@@ -434,44 +455,35 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
     outdir = Path(outdir)
     written: dict[str, Path] = {}
     earlier = _earlier_summary(outdir / "summary.ecsv")
-    rows, stokes_tables, p_all, snr_all, rates = [], [], [], [], []
+    rows, stokes_tables, p_all, snr_all, rates, names = [], [], [], [], [], []
     for o in outcomes:
         if o.status == "failed":
             continue
         name = Path(o.path).name
         paths = product_paths(outdir, stem_of(o.path))
         try:
-            spots = Table.read(paths["spots"], format="ascii.ecsv")
             stokes = Table.read(paths["stokes"], format="ascii.ecsv")
-        except (OSError, ValueError) as exc:
+            if o.status == "done":
+                row = {"frame": name, **o.summary, "seconds": o.seconds}
+                p, snr = o.p_artifact, o.snr
+            else:  # skipped: the earlier record, and the scores from its catalogue
+                row, p, snr = _skipped_frame(name, paths["spots"], stokes, earlier)
+        except (OSError, ValueError, KeyError) as exc:
             log.warning("%s: catalogues of a reduced frame cannot be read back (%s); left out of "
                         "the night products", o.path, exc)
             continue
-        clean = stokes[stokes["flags"] == 0] if "flags" in stokes.colnames else stokes
-        row = {
-            "frame": name, "n_spots": len(spots),
-            "n_rejected": int(np.count_nonzero(spots["rejected"])) if len(spots) else 0,
-            "n_uncertain": int(np.count_nonzero(spots["uncertain"])) if len(spots) else 0,
-            "n_quadruplets": _complete_groups(spots),
-            "n_stokes": len(stokes),
-            "n_clean": len(clean),
-            "median_q_err": float(np.median(clean["q_err"])) if len(clean) else np.nan,
-            "seconds": o.seconds,
-        }
-        if o.status == "skipped":  # the time is that of the run that did the work
-            row["seconds"] = float(earlier.get(name, {}).get("seconds", np.nan))
-        rows.append(row)
+        rows.append({k: row.get(k, np.nan) for k in _SUMMARY_COLUMNS})
         if len(stokes):
-            stokes = stokes.copy()
             stokes.add_column(name, name="frame", index=0)
             stokes.meta = {}
             stokes_tables.append(stokes)
-        if len(spots):
-            p_all.append(np.asarray(spots["p_artifact"], float))
-            snr_all.append(np.asarray(spots["snr"], float))
-            rates.append(float(np.mean(spots["rejected"])))
+        if p is not None and len(p):
+            p_all.append(np.asarray(p, float))
+            snr_all.append(np.asarray(snr, float))
+            rates.append(float(row["n_rejected"]) / len(p))
+            names.append(name)
     if rows:
-        summary = Table(rows=rows, names=list(rows[0]))
+        summary = Table(rows=rows, names=_SUMMARY_COLUMNS)
         summary["seconds"].unit = "s"
         write_atomic(outdir / "summary.ecsv", lambda p: summary.write(p, format="ascii.ecsv", overwrite=True),
                      overwrite=True)
@@ -496,7 +508,6 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
         p = np.concatenate(p_all)
         snr = np.concatenate(snr_all)
         write_atomic(outdir / "night_report.png",
-                     lambda path: plot_night_report(p, snr, [r["frame"] for r in rows if r["n_spots"]],
-                                                    rates, path), overwrite=True)
+                     lambda path: plot_night_report(p, snr, names, rates, path), overwrite=True)
         written["night_report"] = outdir / "night_report.png"
     return written

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from .io import OutputError, check_writable, write_atomic
-from .regions_io import spots_to_regions, write_regions
 
 __all__ = ["PRODUCT_SUFFIXES", "product_paths", "write_products", "products_exist"]
 
@@ -82,6 +81,8 @@ def write_products(result, outdir: str | os.PathLike, stem: str, *, overwrite: b
         if existing:
             raise OutputError(f"{existing[0]}: output exists (use --overwrite to replace it)")
 
+    from .regions_io import spots_to_ds9, write_regions
+
     spots = result.spots
     write_atomic(paths["spots"], lambda p: spots.write(p, format="ascii.ecsv", overwrite=True),
                  overwrite=overwrite)
@@ -91,7 +92,7 @@ def write_products(result, outdir: str | os.PathLike, stem: str, *, overwrite: b
     flagged = np.asarray(spots["rejected"], bool) | np.asarray(spots["uncertain"], bool)
     rejected = spots[flagged] if len(spots) else spots
     wcs = result.ccd.wcs if result.ccd.wcs is not None and result.ccd.wcs.has_celestial else None
-    regions = spots_to_regions(rejected, wcs=wcs, radius=2.0 * float(result.meta.get("fwhm", 4.0)))
+    regions = spots_to_ds9(rejected, wcs=wcs, radius=2.0 * float(result.meta.get("fwhm", 4.0)))
     write_regions(regions, paths["regions"], overwrite=overwrite)
     write_atomic(paths["clean"], lambda p: _write_fits(result.ccd, p), overwrite=overwrite)
     if diagnostic:

@@ -1,12 +1,14 @@
 """SAOImage DS9 region files: show classified spots, and read hand-drawn labels back.
 
-Built on the `regions` package. Positions are 0-based in code and tables; DS9 image
-coordinates are 1-based and `regions` converts on write and read (a spot at x = 10 in
-a table is written as 11 in the file).
+Positions are 0-based in code and tables; DS9 image coordinates are 1-based (a spot at
+x = 10 in a table is written as 11 in the file).
 
-- :func:`spots_to_regions`: one circle (or ellipse) per spot, coloured by the
-  classifier's decision, labelled with its ``p_artifact``.
-- :func:`write_regions`: atomic DS9 write that refuses to overwrite by default.
+- :func:`spots_to_ds9`: the DS9 text of one circle (or ellipse) per spot, coloured by
+  the classifier's decision, labelled with its ``p_artifact``; written directly, so a
+  reduction does not pay for importing `regions` (and matplotlib, which it imports).
+- :func:`spots_to_regions`: the same as `regions` objects (parsed from that text).
+- :func:`write_regions`: atomic DS9 write (text or `regions` objects) that refuses to
+  overwrite by default.
 - :func:`read_regions`, :func:`labels_from_regions`: read a region file an astronomer
   drew in DS9 around artifacts, and tell which positions fall inside one (training
   labels).
@@ -17,26 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import astropy.units as u
 import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
-from regions import (
-    CirclePixelRegion,
-    EllipsePixelRegion,
-    PixCoord,
-    RegionMeta,
-    Regions,
-    RegionVisual,
-    SkyRegion,
-)
+
+from .io import write_atomic
 
 __all__ = [
     "DEFAULT_COLORS",
+    "spots_to_ds9",
     "spots_to_regions",
     "regions_to_text",
     "write_regions",
@@ -52,7 +46,7 @@ DEFAULT_COLORS: dict[str, str] = {"rejected": "red", "uncertain": "orange", "kep
 _GLOBAL_TEXT = re.compile(r"\s*text=\{[^}]*\}")
 
 
-def spots_to_regions(
+def spots_to_ds9(
     spots: Table,
     *,
     wcs: WCS | None = None,
@@ -61,8 +55,8 @@ def spots_to_regions(
     colors: Mapping[str, str] | None = None,
     ellipse_scale: float = 3.0,
     label_format: str = "p={:.2f}",
-) -> Regions:
-    """One DS9 region per spot, coloured by the classifier's decision.
+) -> str:
+    """DS9 region text: one region per spot, coloured by the classifier's decision.
 
     Parameters
     ----------
@@ -72,7 +66,8 @@ def spots_to_regions(
         (semi-axes, pix) and ``orientation`` (deg from +x) for ellipses, ``spot_id``
         (DS9 tag), ``fwhm``/``aper_radius`` (default circle radius).
     wcs : `~astropy.wcs.WCS`, optional
-        A celestial WCS: sky regions (ICRS) are made instead of pixel regions.
+        A celestial WCS: sky regions (ICRS, projected by `regions`) instead of image
+        pixels.
     radius : float, optional
         Circle radius (pix). Default: the ``aper_radius`` column, else 2 x ``fwhm``,
         else 8 pix.
@@ -89,7 +84,7 @@ def spots_to_regions(
 
     Returns
     -------
-    `~regions.Regions`
+    str
 
     Raises
     ------
@@ -113,14 +108,11 @@ def spots_to_regions(
     def flag(name):
         return np.asarray(spots[name], bool) if name in spots.colnames else np.zeros(n, bool)
 
-    rejected, uncertain = flag("rejected"), flag("uncertain")
     if color_by == "decision":
-        color = np.where(rejected, palette["rejected"],
-                         np.where(uncertain, palette["uncertain"], palette["kept"]))
+        color = np.where(flag("rejected"), palette["rejected"],
+                         np.where(flag("uncertain"), palette["uncertain"], palette["kept"]))
     else:
         color = np.full(n, palette["kept"])
-    p_art = np.asarray(spots["p_artifact"], float) if "p_artifact" in spots.colnames else None
-
     if radius is not None:
         radii = np.full(n, float(radius))
     elif "aper_radius" in spots.colnames:
@@ -130,40 +122,55 @@ def spots_to_regions(
     else:
         radii = np.full(n, 8.0)
     radii = np.where(np.isfinite(radii) & (radii > 0), radii, 8.0)
-    use_ellipse = "a" in spots.colnames and "b" in spots.colnames
-    if use_ellipse:
+    a = b = angle = np.full(n, np.nan)
+    if "a" in spots.colnames and "b" in spots.colnames:
         a = ellipse_scale * np.asarray(spots["a"], float)
         b = ellipse_scale * np.asarray(spots["b"], float)
-        angle = (np.asarray(spots["orientation"], float) if "orientation" in spots.colnames
-                 else np.zeros(n))
-    ids = np.asarray(spots["spot_id"]) if "spot_id" in spots.colnames else None
-
-    out = []
-    for i in range(n):  # one region object per spot: unavoidable with `regions`
-        meta = {}
-        if p_art is not None and np.isfinite(p_art[i]):
-            meta["text"] = label_format.format(p_art[i])
-        if ids is not None:
-            meta["tag"] = [f"spot_{ids[i]}"]
-        visual = RegionVisual({"color": str(color[i])})
-        center = PixCoord(x[i], y[i])
-        if use_ellipse and np.isfinite(a[i]) and np.isfinite(b[i]) and a[i] > 0 and b[i] > 0:
-            reg = EllipsePixelRegion(center, width=2 * a[i], height=2 * b[i],
-                                     angle=float(np.nan_to_num(angle[i])) * u.deg,
-                                     meta=RegionMeta(meta), visual=visual)
+        if "orientation" in spots.colnames:
+            angle = np.nan_to_num(np.asarray(spots["orientation"], float))
         else:
-            reg = CirclePixelRegion(center, radius=float(radii[i]), meta=RegionMeta(meta),
-                                    visual=visual)
-        out.append(reg.to_sky(wcs) if wcs is not None else reg)
-    return Regions(out)
+            angle = np.zeros(n)
+    ellipse = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+
+    p_art = np.asarray(spots["p_artifact"], float) if "p_artifact" in spots.colnames else None
+    ids = np.asarray(spots["spot_id"]) if "spot_id" in spots.colnames else None
+    lines = ["# Region file format: DS9 version 4.1 (robopol-clean)", f"global color={palette['kept']}",
+             "image"]
+    cx, cy = x + 1.0, y + 1.0  # DS9 image coordinates are 1-based
+    for i in range(n):
+        if ellipse[i]:
+            shape = f"ellipse({cx[i]:.8f},{cy[i]:.8f},{a[i]:.8f},{b[i]:.8f},{angle[i]:.8f})"
+        else:
+            shape = f"circle({cx[i]:.8f},{cy[i]:.8f},{radii[i]:.8f})"
+        attrs = [f"color={color[i]}"]
+        if p_art is not None and np.isfinite(p_art[i]):
+            attrs.append("text={" + label_format.format(p_art[i]) + "}")
+        if ids is not None:
+            attrs.append(f"tag={{spot_{ids[i]}}}")
+        lines.append(f"{shape} # {' '.join(attrs)}")
+    text = "\n".join(lines) + "\n"
+    if wcs is None:
+        return text
+    from regions import Regions  # sky regions: `regions` projects each shape
+
+    return regions_to_text(Regions([r.to_sky(wcs) for r in Regions.parse(text, format="ds9")]))
 
 
-def regions_to_text(regions: Regions) -> str:
+def spots_to_regions(spots: Table, **kwargs):
+    """:func:`spots_to_ds9` as `regions` objects (`~regions.Regions`), same arguments."""
+    from regions import Regions
+
+    return Regions.parse(spots_to_ds9(spots, **kwargs), format="ds9")
+
+
+def regions_to_text(regions) -> str:
     """DS9 text of ``regions`` with every text label kept on its own region line.
 
     `regions` moves metadata that all regions share into DS9's ``global`` line; DS9
     ignores a text label there, so it is moved back onto each region line.
     """
+    from regions import Regions
+
     text = Regions(list(regions)).serialize(format="ds9")
     lines = text.splitlines()
     moved = None
@@ -182,17 +189,15 @@ def regions_to_text(regions: Regions) -> str:
     return "\n".join(line for line in lines if line != "") + "\n"
 
 
-def write_regions(regions: Regions, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write regions to a DS9 file atomically.
+def write_regions(regions, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write regions to a DS9 file atomically (:func:`robopol_clean.io.write_atomic`).
 
-    The text is written to a temporary file in the destination folder and moved into
-    place with :func:`os.replace`: readers never see a partial file and a crash leaves
-    no debris.
+    Readers never see a partial file and a crash leaves no debris.
 
     Parameters
     ----------
-    regions : `~regions.Regions` or list of regions
-        What to write.
+    regions : str, `~regions.Regions` or list of regions
+        What to write: DS9 text (:func:`spots_to_ds9`) or region objects.
     path : path-like
         Destination ``.reg`` file.
     overwrite : bool
@@ -205,32 +210,16 @@ def write_regions(regions: Regions, path: str | os.PathLike, *, overwrite: bool 
 
     Raises
     ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
-    OSError
-        If the folder does not exist or is not writable (the message names it).
+    OutputError
+        If ``path`` exists and ``overwrite`` is false, or the folder is not writable
+        (the message names it).
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: region file exists (pass overwrite=True to replace it)")
-    text = regions_to_text(regions)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
-    try:
-        # os.open with 0o666 honours the umask (mkstemp would make the file owner-only)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise OSError(f"{path}: cannot write in {path.parent} ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    text = regions if isinstance(regions, str) else regions_to_text(regions)
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+                        overwrite=overwrite)
 
 
-def read_regions(path: str | os.PathLike) -> Regions:
+def read_regions(path: str | os.PathLike):
     """Read a DS9 region file.
 
     Raises
@@ -243,6 +232,8 @@ def read_regions(path: str | os.PathLike) -> Regions:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such region file")
+    from regions import Regions
+
     try:
         return Regions.read(str(path), format="ds9")
     except (ValueError, TypeError, KeyError, IndexError) as exc:
@@ -279,6 +270,8 @@ def labels_from_regions(path_or_regions, x, y, *, wcs: WCS | None = None,
     ValueError
         If sky regions are present and no ``wcs`` is given.
     """
+    from regions import PixCoord, Regions, SkyRegion
+
     regs = (path_or_regions if isinstance(path_or_regions, Regions)
             else read_regions(path_or_regions))
     x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))

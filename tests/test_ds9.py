@@ -1,7 +1,7 @@
 """Round trip through the real SAOImage DS9, run headless under Xvfb.
 
 Skipped when ``ds9`` or ``Xvfb`` is not on PATH. DS9 loads a FITS frame and a region
-file written by :func:`write_regions`, saves the regions back in image coordinates,
+file written as ``reduce`` writes it (:func:`spots_to_ds9`), saves the regions back in image coordinates,
 and the result must match what was written. Debian's DS9 needs the Tcl package
 ``img::window`` for ``-saveimage`` (otherwise it blocks on an error dialog), so it is
 loaded with ``-source``; the same file turns DS9's error dialogs into messages on
@@ -17,7 +17,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from robopol_clean.regions_io import read_regions, spots_to_regions, write_regions
+from robopol_clean.regions_io import read_regions, spots_to_ds9, write_regions
 
 pytestmark = [
     pytest.mark.ds9,
@@ -76,7 +76,7 @@ def test_ds9_reads_our_regions(tmp_path, display):
         "rejected": [True, False, False],
         "uncertain": [False, True, False],
     })
-    written = write_regions(spots_to_regions(spots, radius=6.0), tmp_path / "in.reg")
+    written = write_regions(spots_to_ds9(spots, radius=6.0), tmp_path / "in.reg")  # as reduce writes
     (tmp_path / "fix.tcl").write_text(TCL_SETUP)
     proc = run_ds9(["-source", "fix.tcl", "frame.fits", "-scale", "zscale",
                     "-regions", "load", written.name, "-regions", "system", "image",

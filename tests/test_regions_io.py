@@ -6,10 +6,10 @@ from regions import (
     CirclePixelRegion,
     CircleSkyRegion,
     EllipsePixelRegion,
-    PixCoord,
     Regions,
 )
 
+from robopol_clean.io import OutputError
 from robopol_clean.regions_io import (
     DEFAULT_COLORS,
     labels_from_regions,
@@ -47,13 +47,13 @@ def test_spots_to_regions_circles(spots):
     regs = spots_to_regions(spots)
     assert isinstance(regs, Regions) and len(regs) == 3
     assert all(isinstance(r, CirclePixelRegion) for r in regs)
-    assert [r.visual["color"] for r in regs] == ["red", "orange", "green"]
+    assert [r.visual["edgecolor"] for r in regs] == ["red", "orange", "green"]
     assert [r.meta["text"] for r in regs] == ["p=0.97", "p=0.41", "p=0.08"]
     assert regs[1].center.x == 50.5 and regs[1].radius == 8.6
     assert spots_to_regions(spots, radius=3.0)[0].radius == 3.0
-    assert {r.visual["color"] for r in spots_to_regions(spots, color_by="none")} == {"green"}
+    assert {r.visual["edgecolor"] for r in spots_to_regions(spots, color_by="none")} == {"green"}
     custom = spots_to_regions(spots, colors={"uncertain": "yellow"})
-    assert custom[1].visual["color"] == "yellow"
+    assert custom[1].visual["edgecolor"] == "yellow"
 
 
 def test_spots_to_regions_ellipses(spots):
@@ -104,7 +104,7 @@ def test_single_region_keeps_text_on_its_line(tmp_path, spots):
 def test_round_trip_sky(tmp_path, spots, wcs):
     regs = spots_to_regions(spots, wcs=wcs)
     assert all(isinstance(r, CircleSkyRegion) for r in regs)
-    assert regs[0].radius.to_value("arcsec") == pytest.approx(8.6 * 0.39)
+    assert regs[0].radius.to_value("arcsec") == pytest.approx(8.6 * 0.39, rel=1e-5)
     write_regions(regs, tmp_path / "sky.reg")
     assert "icrs" in (tmp_path / "sky.reg").read_text()
     back = read_regions(tmp_path / "sky.reg")
@@ -122,7 +122,7 @@ def test_atomic_write_and_overwrite(tmp_path, spots):
     path = tmp_path / "out.reg"
     write_regions(spots_to_regions(spots), path)
     first = path.read_text()
-    with pytest.raises(FileExistsError, match="out.reg"):
+    with pytest.raises(OutputError, match="out.reg: output exists"):
         write_regions(spots_to_regions(spots[:1]), path)
     assert path.read_text() == first  # untouched
     write_regions(spots_to_regions(spots[:1]), path, overwrite=True)
@@ -202,6 +202,9 @@ def test_read_errors(tmp_path):
         read_regions(tmp_path / "missing.reg")
 
 
-def test_default_colors():
+def test_default_colors_follow_the_decision():
+    spots = Table({"x": [1.0, 2.0, 3.0], "y": [1.0, 2.0, 3.0], "p_artifact": [0.9, 0.4, 0.1],
+                   "rejected": [True, False, False], "uncertain": [False, True, False]})
+    colors = [r.visual.get("edgecolor") or r.visual.get("color") for r in spots_to_regions(spots)]
+    assert colors == [DEFAULT_COLORS[k] for k in ("rejected", "uncertain", "kept")]
     assert DEFAULT_COLORS["rejected"] == "red"
-    assert PixCoord(1, 2).x == 1

@@ -40,6 +40,6 @@ def test_quick_benchmark_prints_a_table(tmp_path):
     assert all(s["status"] == "ok" for s in sections.values())
     assert sections["stages"]["data"]["stages"]["total"] > 0
     morph = sections["baselines"]["data"]["methods"]["morphology + partner cues"]
-    assert 0.5 < morph["auc"] <= 1.0
+    assert 0.95 < morph["auc"] <= 1.0  # ~0.99 on the quick frame; the CNN issue's baseline
     rst = out_rst.read_text()
     assert rst.startswith(":orphan:") and ".. list-table::" in rst and "performance-table-start" in rst

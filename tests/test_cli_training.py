@@ -3,11 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 from astropy.table import Table
 
 from robopol_clean.classify.cnn import CNNClassifier
 from robopol_clean.cli import EXIT_OK, EXIT_USAGE, main
 from robopol_clean.regions_io import read_regions
+
+pytestmark = pytest.mark.slow  # trains networks / reduces full frames: minutes
 
 
 def test_label_train_evaluate(small_fits, tmp_path, capsys):

@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 
@@ -67,17 +65,19 @@ def test_errors(image):
         extract_cutouts(image, [0, 1], [0])
 
 
-def test_fast_gather():
+def test_many_cutouts_inside_and_across_the_edges():
+    """1000 cutouts anywhere (some partly off the frame) match a per-cutout slice.
+    (Their speed is measured by benchmarks/bench_stages.py, not here.)"""
     rng = np.random.default_rng(0)
     img = rng.normal(size=(2048, 2048)).astype(np.float32)
     x = rng.uniform(-20, 2068, 1000)
     y = rng.uniform(-20, 2068, 1000)
-    extract_cutouts(img, x[:10], y[:10], 64)
-    t0 = time.perf_counter()
     cut = extract_cutouts(img, x, y, 64)
-    elapsed = time.perf_counter() - t0
     assert cut.shape == (1000, 64, 64)
-    assert elapsed < 0.25  # ~15 ms on an idle core; generous for a shared machine
+    padded = np.pad(img, 64)
+    x0, y0 = cutout_origin(x, y, 64)
+    for i in rng.choice(1000, 20, replace=False):
+        np.testing.assert_array_equal(cut[i], padded[y0[i] + 64:y0[i] + 128, x0[i] + 64:x0[i] + 128])
 
 
 def test_resampled_cutouts(image):

@@ -1,11 +1,14 @@
 """The shipped network, judged on freshly simulated frames it was never trained on."""
 
 import numpy as np
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from robopol_clean.datasets import match_detections, truth_table
 from robopol_clean.pipeline import added_by_photometry, get_classifier, reduce_frame
 from robopol_clean.simulate import simulate_frame
+
+pytestmark = pytest.mark.slow  # trains networks / reduces full frames: minutes
 
 
 def test_shipped_model_auc_on_fresh_frames():

@@ -23,7 +23,9 @@ Methods:
   the threshold scales the box. Spots DAOStarFinder cannot measure count as rejected;
 - random forest (scikit-learn, benchmark-only) on the detection columns (elongation,
   FWHM / frame FWHM, sharpness, asymmetry, log SNR, log peak, footprint size,
-  transmission, saturated, grouped, partner cues), trained on other frames (seeds 20_000+);
+  transmission, saturated, grouped, partner cues), trained on other frames
+  (``SEEDS["benchmark_train"]`` of the registry :mod:`seeds`, 20_000-20_007; the test
+  frames are ``SEEDS["benchmark_test"]``, 10_000-10_007);
 - the shipped CNN, alone and with the partner cues (when the model exists).
 """
 

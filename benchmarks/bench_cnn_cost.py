@@ -4,15 +4,18 @@
 
 Both variants of :func:`robopol_clean.classify.cnn.build_model` are trained from the
 same seed on the same fixed small set (the normalised cutouts of every labelled
-artifact of the benchmark's training frames, seeds 20_000+, plus a seeded sample of
-their star spots, 1000 cutouts in all quick / 4000 full; class-weighted Keras ``fit``,
-batch 64, no augmentation, 2 / 8 epochs) and scored on the held-out
-test frames' detections (seeds 10_000+). Inference throughput is measured through
-:meth:`CNNClassifier.predict_cutouts` (the pipeline's path: a ``tf.function``, batches of
-256), on normalised cutouts already in memory. FLOPs per cutout are counted from the
-layer shapes (2 x multiply-adds of the convolutions and dense layers; pooling, ReLU
-and bias ignored) and compared with a numpy float32 2048^3 matrix multiply measured in
-the same run: the practical ceiling of any dense arithmetic on this machine.
+artifact of the benchmark's training frames, ``SEEDS["benchmark_train"]`` of the
+registry :mod:`seeds` (20_000-20_007), plus a seeded sample of their star spots, 1000
+cutouts in all quick / 4000 full; class-weighted Keras ``fit``, batch 64, no
+augmentation, 2 / 8 epochs) and scored on the held-out test frames' detections
+(``SEEDS["benchmark_test"]``, 10_000-10_007; quick runs: the first frame of each).
+Inference throughput is measured through :meth:`CNNClassifier.predict_cutouts` on
+normalised cutouts already in memory: the freshly trained variants run in Keras (a
+``tf.function``), the shipped model in the engine the pipeline uses (ONNX Runtime, as
+``get_classifier("cnn")`` loads it). FLOPs per cutout are counted from the layer shapes (2 x multiply-adds of the
+convolutions and dense layers; pooling, ReLU and bias ignored) and compared with a
+numpy float32 2048^3 matrix multiply measured in the same run: the practical ceiling
+of any dense arithmetic on this machine.
 """
 
 from __future__ import annotations
@@ -165,7 +168,8 @@ def run(ctx: Context) -> Section:
                      f"{plural(len(train.seeds), 'frame')}, {epochs} epochs, class-weighted, batch 64; "
                      f"test: {len(test.labels)} cutouts of {plural(len(test.seeds), 'held-out frame')}")
     sec.notes.append(f"throughput: {n_infer} normalised 64x64 cutouts through predict_cutouts "
-                     "(batches of 256), best of 3; excludes cutting out and normalising")
+                     "(variants: Keras; shipped model: ONNX Runtime, the pipeline's engine), best of 3; "
+                     "excludes cutting out and normalising")
     sec.data.update({"variants": rows, "epochs": epochs, "n_train": int(len(y)),
                      "n_test": int(len(test.labels))})
     return sec

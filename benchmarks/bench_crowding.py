@@ -5,7 +5,8 @@
 Frames: freshly simulated full 2048 x 2048 RoboPol frames
 (``simulate_frame("robopol", seed=..., n_stars=..., fwhm=...)``, the simulator's default
 artifacts, sky, PSF shape and geometry jitter) at n_stars in {200, 500, 800, 1200} and
-FWHM in {3, 4.5, 6} px. Seeds 60_000-60_023 (used nowhere else in the repository):
+FWHM in {3, 4.5, 6} px. Seeds 60_000-60_023 (``SEEDS["crowding"]`` of the registry
+:mod:`seeds`, used nowhere else):
 ``60_000 + 2 * combination + repeat``, combinations in the order (n_stars, FWHM) =
 (200, 3), (200, 4.5), (200, 6), (500, 3), ... (1200, 6), two frames each in the full
 run; ``--quick`` reduces the first frame (repeat 0) of (500, 4.5) and (1200, 4.5) only,
@@ -57,6 +58,7 @@ import numpy as np
 from _common import Context, Section, Timer, fmt, load_default_classifier, log, plural, seeds_text
 from astropy.table import Table, vstack
 from scipy.spatial import cKDTree
+from seeds import SEEDS
 
 KEY = "crowding"
 TITLE = "Stokes completeness and pulls across crowding and seeing"
@@ -65,7 +67,7 @@ TITLE = "Stokes completeness and pulls across crowding and seeing"
 N_STARS = (200, 500, 800, 1200)
 FWHMS = (3.0, 4.5, 6.0)
 #: First frame seed; frame seed = SEED0 + 2 * combination index + repeat.
-SEED0 = 60_000
+SEED0 = SEEDS["crowding"].first
 #: Frames per (n_stars, FWHM) combination in the full run.
 REPEATS = 2
 #: Combinations of the quick run.

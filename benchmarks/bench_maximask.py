@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import Context, Section, Timer, load_default_classifier, log, plural, seeds_text
+from seeds import SEEDS
 
 KEY = "maximask"
 TITLE = "Peer: MaxiMask vs robopol-clean on the same simulated frames"
@@ -99,7 +100,7 @@ def run(ctx: Context) -> Section:
 
     sec = Section(KEY, TITLE)
     exe = maximask_executable()
-    seeds = [40_000] if ctx.quick else [40_000, 40_001, 40_002]
+    seeds = SEEDS["maximask"].frames(1 if ctx.quick else None)
     shape = (1024, 1024)
     clf, name, load_s, why = load_default_classifier(ctx)
     sec.columns = ["tool", "s / frame", "reflections flagged", "star spots flagged",

@@ -2,7 +2,8 @@
 
     python benchmarks/run.py --only stokes [--quick]
 
-Full RoboPol frames with many reflection sources (seeds 30_000+) are reduced by the
+Full RoboPol frames with many reflection sources (seeds ``SEEDS["stokes"]`` of the
+registry :mod:`seeds`, 30_000-30_002; quick: the first) are reduced by the
 same pipeline three ways: without cleaning (a classifier that scores every spot 0, so
 nothing is rejected or masked), with the classical morphology + partner-cue classifier,
 and with the pipeline default (the shipped CNN + partner cues) when the model exists.
@@ -22,6 +23,7 @@ import numpy as np
 from _common import Context, Section, Timer, fmt, load_default_classifier, log, plural, seeds_text
 from astropy.table import Table
 from scipy.spatial import cKDTree
+from seeds import SEEDS
 
 KEY = "stokes"
 TITLE = "Stokes q/u accuracy with and without artifact cleaning"
@@ -91,7 +93,7 @@ def run(ctx: Context) -> Section:
                ("morphology + partner cues", MorphologyClassifier())]
     if name == "cnn":
         configs.append(("CNN + partner cues (default)", clf))
-    seeds = [30_000] if ctx.quick else [30_000, 30_001, 30_002]
+    seeds = SEEDS["stokes"].frames(1 if ctx.quick else None)
     n_stars, n_sources = 500, 12
     acc = {c: {"pq": [], "pu": [], "near": [], "rows": 0, "spurious": 0, "seconds": 0.0}
            for c, _ in configs}

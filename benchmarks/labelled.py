@@ -1,11 +1,11 @@
 """The labelled held-out spots shared by the classifier benchmarks.
 
-Frames are simulated with seeds disjoint from the CNN's training data (the training
-module derives its frame seeds from master seeds 0 and 1_000_003 by
-``SeedSequence.spawn``; here frame seeds are used directly: 10_000+ for the test
-frames, 20_000+ for the frames the benchmark's own models are trained on), reduced by
-the real pipeline, and every detected spot is labelled from the truth tables by the
-rule the CNN's training labels follow (:func:`robopol_clean.datasets.match_detections`).
+Frames are simulated with the seeds of the registry (:mod:`seeds`; disjoint from the
+CNN's training frames and from every tuning set): ``benchmark_test`` (10_000-10_007) for
+the test frames, ``benchmark_train`` (20_000-20_007) for the frames the benchmark's own
+models are trained on; quick runs take the first of each. They are reduced by the real
+pipeline, and every detected spot is labelled from the truth tables by the rule the
+CNN's training labels follow (:func:`robopol_clean.datasets.match_detections`).
 One pass per frame computes every score the benchmarks compare, on exactly the
 pipeline's detections and cutouts:
 
@@ -30,6 +30,7 @@ import numpy as np
 from _common import REFLECTION_KINDS, Context, load_default_classifier, log
 from astropy.table import Table, vstack
 from scipy.spatial import cKDTree
+from seeds import SEEDS
 
 __all__ = ["LabelledSet", "labelled_set", "dao_measure"]
 
@@ -148,7 +149,7 @@ def _frame(seed: int):
 
 
 def labelled_set(ctx: Context, which: str, *, keep_cutouts: bool = False) -> LabelledSet:
-    """The 'test' (seeds 10_000+) or 'train' (seeds 20_000+) labelled detections (cached).
+    """The 'test' or 'train' labelled detections (cached; seeds ``SEEDS["benchmark_<which>"]``).
 
     CNN scores are included when the shipped model exists.
     """
@@ -161,9 +162,7 @@ def labelled_set(ctx: Context, which: str, *, keep_cutouts: bool = False) -> Lab
         return cached
     clf, clf_name, _, _ = load_default_classifier(ctx)
     cnn = clf if clf_name == "cnn" else None
-    n = 1 if ctx.quick else 8
-    base = {"test": 10_000, "train": 20_000}[which]
-    seeds = list(range(base, base + n))
+    seeds = SEEDS[f"benchmark_{which}"].frames(1 if ctx.quick else None)
     scorer = _make_scorer(cnn, keep_cutouts)
     tables, cuts = [], []
     t0 = time.perf_counter()
@@ -198,7 +197,7 @@ def labelled_set(ctx: Context, which: str, *, keep_cutouts: bool = False) -> Lab
         tables.append(t)
         if keep_cutouts:
             cuts.append(scorer.last_cutouts[keep])
-        log(f"{which} frame {i + 1}/{n} (seed {seed}): {len(sp)} spots, "
+        log(f"{which} frame {i + 1}/{len(seeds)} (seed {seed}): {len(sp)} spots, "
             f"{int((labels == 1).sum())} artifacts, {int((labels == 0).sum())} stars labelled")
     out = LabelledSet(vstack(tables, metadata_conflicts="silent"),
                       np.concatenate(cuts) if keep_cutouts else None, seeds, shape,

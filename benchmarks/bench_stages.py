@@ -37,6 +37,7 @@ Also measured:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -101,7 +102,6 @@ def profile_frame(clf, clf_name: str, *, n_stars: int = 800, seed: int = 7, repe
 
 def cold_command_line(n_stars: int = 800, seed: int = 7, repeat: int = 3) -> dict:
     """Wall time and peak memory of ``robopol-clean reduce one.fits -o OUT`` in a new process."""
-    import resource
     import shutil
     import subprocess
 
@@ -116,14 +116,18 @@ def cold_command_line(n_stars: int = 800, seed: int = 7, repeat: int = 3) -> dic
         frame = Path(tmp) / "one.fits"
         sim.ccd.write(frame)
         for i in range(repeat):
-            with Timer() as t:
-                done = subprocess.run([*cmd, "reduce", str(frame), "-o", str(Path(tmp) / f"out{i}"), "-q"],
-                                      capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"robopol-clean reduce failed: {done.stderr.strip()[-300:]}")
+            err = Path(tmp) / f"stderr{i}.txt"
+            with Timer() as t, open(err, "w") as fh:
+                proc = subprocess.Popen([*cmd, "reduce", str(frame), "-o", str(Path(tmp) / f"out{i}"),
+                                         "-q"], stdout=subprocess.DEVNULL, stderr=fh)
+                # wait4: this command's own resource usage (ru_maxrss in KiB on Linux),
+                # not the largest of every child this process ever had
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise RuntimeError(f"robopol-clean reduce failed: {err.read_text().strip()[-300:]}")
             walls.append(t.s)
-            # ru_maxrss of RUSAGE_CHILDREN: the largest child so far, in KiB on Linux
-            rss.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+            rss.append(usage.ru_maxrss / 1024)
             with Timer() as ti:
                 subprocess.run([sys.executable, "-c", "import robopol_clean.pipeline"], check=True)
             imports.append(ti.s)

@@ -45,7 +45,7 @@ else:
         }
     )
 
-exclude_patterns = ["_build", "**/.ipynb_checkpoints"]
+exclude_patterns = ["_build", "**/.ipynb_checkpoints", "generated"]  # generated/: included pieces
 default_role = "obj"
 nitpicky = False
 

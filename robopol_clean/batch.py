@@ -450,7 +450,7 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
     """
     from astropy.table import Table, vstack
 
-    from .io import write_atomic
+    from .io import write_atomic, write_ecsv
 
     outdir = Path(outdir)
     written: dict[str, Path] = {}
@@ -485,20 +485,17 @@ def write_night_products(outcomes: list[FileOutcome], outdir: str | os.PathLike)
     if rows:
         summary = Table(rows=rows, names=_SUMMARY_COLUMNS)
         summary["seconds"].unit = "s"
-        write_atomic(outdir / "summary.ecsv", lambda p: summary.write(p, format="ascii.ecsv", overwrite=True),
-                     overwrite=True)
+        write_ecsv(summary, outdir / "summary.ecsv", overwrite=True)
         written["summary"] = outdir / "summary.ecsv"
     if stokes_tables:
         allq = vstack(stokes_tables, metadata_conflicts="silent")
-        write_atomic(outdir / "stokes_all.ecsv", lambda p: allq.write(p, format="ascii.ecsv", overwrite=True),
-                     overwrite=True)
+        write_ecsv(allq, outdir / "stokes_all.ecsv", overwrite=True)
         written["stokes_all"] = outdir / "stokes_all.ecsv"
     failed = [o for o in outcomes if o.status == "failed"]
     failures_path = outdir / "failures.ecsv"
     if failed:
         table = Table({"file": [o.path for o in failed], "error": [o.error for o in failed]})
-        write_atomic(failures_path, lambda p: table.write(p, format="ascii.ecsv", overwrite=True),
-                     overwrite=True)
+        write_ecsv(table, failures_path, overwrite=True)
         written["failures"] = failures_path
     else:
         failures_path.unlink(missing_ok=True)  # a resumed night that now succeeded

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .io import check_writable, write_atomic
+from .io import check_writable, write_atomic, write_ecsv
 from .simulate import simulate_frame, truth_paths
 
-__all__ = ["run_demo", "compare_with_truth"]
+__all__ = ["run_demo", "demo_numbers", "compare_with_truth"]
 
 
 def compare_with_truth(result, sim, *, match_radius: float = 3.0) -> dict:
@@ -99,7 +99,40 @@ def run_demo(outdir: str | Path = "robopol-demo", *, seed: int = 2026, n_stars: 
     Returns
     -------
     str
-        A short human-readable summary.
+        A short human-readable summary of :func:`demo_numbers`.
+    """
+    c = demo_numbers(outdir, seed=seed, n_stars=n_stars, classifier=classifier)
+    lines = [
+        f"robopol-clean demo (simulated RoboPol frame, seed {seed}, {n_stars} stars; "
+        f"classifier: {c['classifier']})",
+        f"  simulated in {c['simulate_seconds']:.1f} s, reduced in {c['reduce_seconds']:.1f} s",
+        f"  spots detected:        {c['n_spots']} ({c['star_spots_detected']} on the "
+        f"{c['star_spots_simulated']} simulated star spots)",
+        f"  rejected as artifacts: {c['n_rejected']}  (uncertain: {c['n_uncertain']})",
+        f"  reflections caught:    {c['artifacts_caught']} of {c['artifacts']} in the truth table",
+        f"  star spots rejected:   {c['star_spots_rejected']} of those {c['star_spots_detected']}",
+        f"  quadruplets:           {c['n_quadruplets']} complete, {c['n_stokes']} with q, u, "
+        f"{c['n_clean']} of them clean (flags == 0)",
+    ]
+    if "pull_q_std" in c:
+        lines.append(f"  pulls (q, u):          mean {c['pull_q_mean']:+.2f}, {c['pull_u_mean']:+.2f}; "
+                     f"std {c['pull_q_std']:.2f}, {c['pull_u_std']:.2f} over {c['stars_measured']} stars")
+    lines.append(f"  products in {c['outdir']}/:")
+    lines.extend(f"    {Path(p).name}" for p in c["products"])
+    return "\n".join(lines)
+
+
+def demo_numbers(outdir: str | Path = "robopol-demo", *, seed: int = 2026, n_stars: int = 600,
+                 classifier: str = "cnn") -> dict:
+    """The demo's run (as :func:`run_demo`) and its numbers.
+
+    Returns
+    -------
+    dict
+        The frame's counts (``n_spots``, ``n_rejected``, ``n_uncertain``,
+        ``n_quadruplets``, ``n_stokes``, ``n_clean``), :func:`compare_with_truth`'s
+        numbers, ``simulate_seconds`` and ``reduce_seconds`` (s), ``classifier``,
+        ``seed``, ``n_stars``, ``outdir`` and the ``products`` written.
     """
     from .pipeline import reduce_frame
     from .products import write_products
@@ -112,30 +145,16 @@ def run_demo(outdir: str | Path = "robopol-demo", *, seed: int = 2026, n_stars: 
     write_atomic(outdir / f"{stem}.fits", lambda p: sim.ccd.write(p, format="fits", overwrite=True),
                  overwrite=True)
     for kind, path in truth_paths(outdir, stem).items():
-        table = getattr(sim, kind)
-        write_atomic(path, lambda p, t=table: t.write(p, format="ascii.ecsv", overwrite=True),
-                     overwrite=True)
+        write_ecsv(getattr(sim, kind), path, overwrite=True)
     t1 = time.perf_counter()
     result = reduce_frame(sim.ccd, profile="robopol", classifier=classifier, name=f"{stem}.fits")
     t_red = time.perf_counter() - t1
     paths = write_products(result, outdir, stem, overwrite=True, diagnostic=True)
-    c = compare_with_truth(result, sim)
     m = result.meta
-    lines = [
-        f"robopol-clean demo (simulated RoboPol frame, seed {seed}, {n_stars} stars; "
-        f"classifier: {m['classifier'].get('name')})",
-        f"  simulated in {t_sim:.1f} s, reduced in {t_red:.1f} s",
-        f"  spots detected:        {m['n_spots']} ({c['star_spots_detected']} on the "
-        f"{c['star_spots_simulated']} simulated star spots)",
-        f"  rejected as artifacts: {m['n_rejected']}  (uncertain: {m['n_uncertain']})",
-        f"  reflections caught:    {c['artifacts_caught']} of {c['artifacts']} in the truth table",
-        f"  star spots rejected:   {c['star_spots_rejected']} of those {c['star_spots_detected']}",
-        f"  quadruplets:           {m['n_quadruplets']} complete, {m['n_stokes']} with q, u, "
-        f"{m['n_clean']} of them clean (flags == 0)",
-    ]
-    if "pull_q_std" in c:
-        lines.append(f"  pulls (q, u):          mean {c['pull_q_mean']:+.2f}, {c['pull_u_mean']:+.2f}; "
-                     f"std {c['pull_q_std']:.2f}, {c['pull_u_std']:.2f} over {c['stars_measured']} stars")
-    lines.append(f"  products in {outdir}/:")
-    lines.extend(f"    {p.name}" for p in paths.values())
-    return "\n".join(lines)
+    out = {key: m[key] for key in ("n_spots", "n_rejected", "n_uncertain", "n_quadruplets",
+                                   "n_stokes", "n_clean")}
+    out.update(compare_with_truth(result, sim))
+    out.update(simulate_seconds=t_sim, reduce_seconds=t_red,
+               classifier=m["classifier"].get("name"), seed=seed, n_stars=n_stars,
+               outdir=str(outdir), products=[str(p) for p in paths.values()])
+    return out

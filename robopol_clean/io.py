@@ -31,6 +31,7 @@ __all__ = [
     "frame_from_ccd",
     "atomic_path",
     "write_atomic",
+    "write_ecsv",
     "check_writable",
     "detector_origin",
 ]
@@ -340,3 +341,73 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, ov
     with atomic_path(path, overwrite=overwrite) as tmp:
         write(tmp)
     return Path(path)
+
+
+def write_ecsv(table, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a table as ECSV, atomically: the same bytes as astropy's ECSV writer, faster.
+
+    Astropy formats every value of every column in a Python loop (``str`` of each
+    element), about 0.1 s for a spots table of a crowded frame. For tables of plain 1-D
+    numeric, boolean and simple string columns, the values are formatted column-wise by
+    numpy (``astype(str)`` gives exactly ``str`` of each element: the shortest
+    round-trip representation of a float) and the header by astropy from the table's
+    first zero rows. Anything else (masked, multidimensional, object or mixin columns,
+    strings that would need quoting) is written by astropy itself.
+
+    Parameters
+    ----------
+    table : `~astropy.table.Table`
+        The table; not modified.
+    path : path-like
+        Output file.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    lines = _ecsv_lines(table)
+    if lines is None:
+        return write_atomic(path, lambda p: table.write(p, format="ascii.ecsv", overwrite=True),
+                            overwrite=overwrite)
+
+    def write(p: Path) -> None:
+        # as astropy writes it: lines joined by os.linesep, no newline translation
+        with open(p, "w", newline="") as fh:
+            fh.write(os.linesep.join(lines) + os.linesep)
+
+    return write_atomic(path, write, overwrite=overwrite)
+
+
+def _ecsv_lines(table) -> list[str] | None:
+    """The ECSV lines of ``table``, or None when it needs astropy's general writer."""
+    import io
+
+    from astropy.table import Column, MaskedColumn
+
+    columns = []
+    for name in table.colnames:
+        col = table.columns[name]
+        if not (type(col) is Column or (type(col) is MaskedColumn and not col.mask.any())):
+            return None  # masked values, mixins: astropy
+        values = np.asarray(col.data if type(col) is MaskedColumn else col)
+        if values.ndim != 1 or values.dtype.kind not in "biufU":
+            return None  # multidimensional, object, bytes: astropy
+        if values.dtype == np.float64:
+            text = list(map(repr, values.tolist()))  # == str(np.float64(v)), and faster
+        elif values.dtype.kind == "U":
+            if any('"' in v or any(c.isspace() for c in v) for v in np.unique(values).tolist()):
+                return None  # would need quoting
+            text = ['""' if v == "" else v for v in values.tolist()]
+        else:
+            text = values.astype(str).tolist()
+        columns.append(text)
+    head = io.StringIO()
+    table[:0].write(head, format="ascii.ecsv")
+    lines = head.getvalue().split(os.linesep)
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines.extend(" ".join(row) for row in zip(*columns))
+    return lines

@@ -1,9 +1,7 @@
 """Pixel masks: artifact footprints, combining masks, and apertures that touch them.
 
 Masks are boolean images, True = do not use. Like ccdproc, masks are OR-ed, never
-replaced, and inputs are never modified. An optional ``uint8`` bit-mask keeps the
-reason a pixel is masked (:data:`ARTIFACT`, :data:`SATURATED`,
-:data:`INSTRUMENT_MASK`).
+replaced, and inputs are never modified.
 """
 
 from __future__ import annotations
@@ -14,24 +12,12 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
-    "ARTIFACT",
-    "SATURATED",
-    "INSTRUMENT_MASK",
     "disk_structure",
     "dilate_mask",
     "footprint_mask",
     "combine_masks",
     "apertures_touch_mask",
-    "bitmask_from",
 ]
-
-#: Bit set for pixels of a rejected artifact's (dilated) footprint.
-ARTIFACT = np.uint8(1)
-#: Bit set for saturated pixels.
-SATURATED = np.uint8(2)
-#: Bit set for pixels masked by the instrument or the input frame (bad, non-finite).
-INSTRUMENT_MASK = np.uint8(4)
-
 
 def disk_structure(radius: int) -> np.ndarray:
     """Boolean disk of ``radius`` pix (shape ``2 radius + 1`` square) for dilation."""
@@ -201,32 +187,3 @@ def apertures_touch_mask(mask: np.ndarray, x, y, radius: float) -> np.ndarray:
     out[ok] = hit.any(axis=(1, 2))
     return out.reshape(x.shape)
 
-
-def bitmask_from(shape: tuple[int, int], *, artifact: np.ndarray | None = None,
-                 saturated: np.ndarray | None = None,
-                 instrument: np.ndarray | None = None) -> np.ndarray:
-    """A ``uint8`` bit-mask recording why pixels are masked.
-
-    Parameters
-    ----------
-    shape : tuple of int
-        Image shape ``(ny, nx)``.
-    artifact, saturated, instrument : ndarray of bool, optional
-        Masks whose pixels get :data:`ARTIFACT`, :data:`SATURATED` and
-        :data:`INSTRUMENT_MASK` set.
-
-    Returns
-    -------
-    ndarray of uint8
-        The bits OR-ed together (0 = good pixel); ``bits != 0`` is the boolean mask.
-    """
-    bits = np.zeros(tuple(int(n) for n in shape), dtype=np.uint8)
-    for m, bit, name in ((artifact, ARTIFACT, "artifact"), (saturated, SATURATED, "saturated"),
-                         (instrument, INSTRUMENT_MASK, "instrument")):
-        if m is None:
-            continue
-        m = np.asarray(m, bool)
-        if m.shape != bits.shape:
-            raise ValueError(f"{name} mask shape {m.shape} differs from {bits.shape}")
-        bits[m] |= bit
-    return bits

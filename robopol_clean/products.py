@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import OutputError, check_writable, write_atomic
+from .io import OutputError, check_writable, write_atomic, write_ecsv
 
 __all__ = ["PRODUCT_SUFFIXES", "product_paths", "write_products", "products_exist"]
 
@@ -84,10 +84,8 @@ def write_products(result, outdir: str | os.PathLike, stem: str, *, overwrite: b
     from .regions_io import spots_to_ds9, write_regions
 
     spots = result.spots
-    write_atomic(paths["spots"], lambda p: spots.write(p, format="ascii.ecsv", overwrite=True),
-                 overwrite=overwrite)
-    write_atomic(paths["stokes"], lambda p: result.stokes.write(p, format="ascii.ecsv", overwrite=True),
-                 overwrite=overwrite)
+    write_ecsv(spots, paths["spots"], overwrite=overwrite)
+    write_ecsv(result.stokes, paths["stokes"], overwrite=overwrite)
     # Rejected spots in red and, drawn in orange, the kept ones in the uncertain band.
     flagged = np.asarray(spots["rejected"], bool) | np.asarray(spots["uncertain"], bool)
     rejected = spots[flagged] if len(spots) else spots

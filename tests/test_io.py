@@ -16,6 +16,7 @@ from robopol_clean.io import (
     frame_from_ccd,
     read_frame,
     write_atomic,
+    write_ecsv,
 )
 
 PROFILE = load_profile("robopol")
@@ -118,6 +119,38 @@ def test_atomic_write(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "hello"  # the old file survives a crash
     assert sorted(os.listdir(tmp_path)) == ["out.txt"]  # no temporary left behind
+
+
+def _ecsv_cases():
+    from astropy.table import MaskedColumn, Table
+
+    rng = np.random.default_rng(3)
+    bits = np.frombuffer(rng.bytes(8 * 500), np.float64)  # every kind of float64
+    special = [0.0, -0.0, 0.1, 1 / 3, 1e15, 1e16, 1e-5, 5e-324, np.nan, np.inf, -np.inf]
+    plain = Table({"f8": np.concatenate([bits, special]),
+                   "f4": np.concatenate([bits, special]).astype(np.float32),
+                   "i8": rng.integers(-10**12, 10**12, 511), "i2": rng.integers(-99, 99, 511).astype(np.int16),
+                   "u1": rng.integers(0, 255, 511).astype(np.uint8), "b": rng.random(511) > 0.5,
+                   "s": np.array(["", "0", "a_b", "q/u"] * 127 + ["x", "y", "z"])},
+                  meta={"frame": "f.fits", "nested": {"a": [1, 2]}})
+    plain["f8"].unit, plain["f8"].description = "adu", "a described column"
+    quoted = Table({"s": ["two words", 'a "q"', "tab\there"], "x": [1.0, 2.0, 3.0]})
+    masked = Table({"m": MaskedColumn([1.0, 2.0, 3.0], mask=[False, True, False])})
+    unmasked = Table({"m": MaskedColumn([1.0, 2.0, 3.0], mask=[False, False, False])})
+    vector = Table({"v": np.arange(6.0).reshape(3, 2)})
+    return {"plain": plain, "quoted": quoted, "masked": masked, "unmasked": unmasked,
+            "vector": vector, "empty": plain[:0]}
+
+
+@pytest.mark.parametrize("case", ["plain", "quoted", "masked", "unmasked", "vector", "empty"])
+def test_write_ecsv_gives_astropys_bytes(tmp_path, case):
+    """The fast ECSV writer (or its fallback) writes exactly what astropy writes."""
+    table = _ecsv_cases()[case]
+    write_ecsv(table, tmp_path / "fast.ecsv")
+    table.write(tmp_path / "astropy.ecsv", format="ascii.ecsv")
+    assert (tmp_path / "fast.ecsv").read_bytes() == (tmp_path / "astropy.ecsv").read_bytes()
+    with pytest.raises(OutputError, match="output exists"):
+        write_ecsv(table, tmp_path / "fast.ecsv")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

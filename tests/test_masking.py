@@ -2,11 +2,7 @@ import numpy as np
 import pytest
 
 from robopol_clean.masking import (
-    ARTIFACT,
-    INSTRUMENT_MASK,
-    SATURATED,
     apertures_touch_mask,
-    bitmask_from,
     combine_masks,
     dilate_mask,
     disk_structure,
@@ -115,17 +111,3 @@ def test_dilate_mask_matches_binary_dilation(structure, fraction):
     np.testing.assert_array_equal(out, ndimage.binary_dilation(mask, structure=structure))
     assert out is not mask and np.array_equal(mask, before)  # input untouched
     assert not dilate_mask(np.zeros((5, 5), bool), structure).any()
-
-
-def test_bitmask_from():
-    a = np.zeros((3, 3), bool)
-    a[0, 0] = True
-    s = np.zeros((3, 3), bool)
-    s[0, 0] = s[1, 1] = True
-    bits = bitmask_from((3, 3), artifact=a, saturated=s, instrument=np.eye(3, dtype=bool))
-    assert bits.dtype == np.uint8
-    assert bits[0, 0] == ARTIFACT | SATURATED | INSTRUMENT_MASK
-    assert bits[1, 1] == SATURATED | INSTRUMENT_MASK and bits[0, 1] == 0
-    assert len({int(ARTIFACT), int(SATURATED), int(INSTRUMENT_MASK)}) == 3
-    with pytest.raises(ValueError, match="artifact"):
-        bitmask_from((2, 2), artifact=a)

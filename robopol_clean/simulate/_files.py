@@ -85,7 +85,7 @@ def simulate_frames(
     list of Path
         The FITS files written.
     """
-    from ..io import check_writable, write_atomic
+    from ..io import check_writable, write_atomic, write_ecsv
 
     prof = load_profile(profile)
     outdir = check_writable(outdir)
@@ -98,8 +98,7 @@ def simulate_frames(
         write_atomic(path, lambda p, h=hdu: h.writeto(p, overwrite=True), overwrite=overwrite)
         for name, tpath in truth_paths(outdir, stem).items():
             table = getattr(sim, name)
-            write_atomic(tpath, lambda p, t=table: t.write(p, format="ascii.ecsv", overwrite=True),
-                         overwrite=overwrite)
+            write_ecsv(table, tpath, overwrite=overwrite)
         written.append(path)
         if callback is not None:
             callback(path, sim)

@@ -278,6 +278,9 @@ def read_stokes_table(path: str | os.PathLike) -> Table:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CombineError(f"{path}: not a readable ECSV table ({first})") from None
     _check_columns(table, str(path))
+    if "frame" in table.colnames and len(np.unique(np.asarray(table["frame"]))) > 1:
+        raise CombineError(f"{path}: holds the rows of several frames (a night's stokes_all); "
+                           f"give the per-frame <stem>_stokes.ecsv tables")
     return table
 
 
@@ -480,8 +483,8 @@ def _pair_up(tree: cKDTree, pts: np.ndarray, radius: float) -> tuple[np.ndarray,
     return np.asarray(out_p, np.int64), np.asarray(out_t, np.int64)
 
 
-def _fit_all(pos: _Positions, bright: list[np.ndarray], ref: int, cfg: CombineConfig,
-             names: list[str]) -> list[_OffsetFit]:
+def _fit_all(pos: _Positions, bright: list[np.ndarray], ref: int,
+             cfg: CombineConfig) -> list[_OffsetFit]:
     window, radius, unit = ((cfg.max_sky_offset, cfg.sky_match_radius, "arcsec")
                             if pos.mode == "sky" else (cfg.max_offset, cfg.match_radius, "px"))
     fits = []
@@ -498,14 +501,14 @@ def _fit_all(pos: _Positions, bright: list[np.ndarray], ref: int, cfg: CombineCo
 def _match_offsets(pos: _Positions, bright: list[np.ndarray], cfg: CombineConfig,
                    names: list[str], tables: list[Table]) -> list[_OffsetFit]:
     """Offsets of every exposure against the first; refuses another field, naming it."""
-    fits = _fit_all(pos, bright, 0, cfg, names)
+    fits = _fit_all(pos, bright, 0, cfg)
     failed = [k for k, f in enumerate(fits) if not f.ok]
     if not failed:
         return fits
     odd, ref = failed[0], 0
     if len(names) >= 3 and len(failed) == len(names) - 1:
         # every other exposure fails against the first: is the first the odd one?
-        second = _fit_all(pos, bright, 1, cfg, names)
+        second = _fit_all(pos, bright, 1, cfg)
         if [k for k, f in enumerate(second) if not f.ok] == [0]:
             odd, ref, fits = 0, 1, second
     reason = fits[odd].reason

@@ -18,8 +18,9 @@ import enum
 
 import numpy as np
 
-__all__ = ["QualityFlag", "CombineFlag", "FLAG_DESCRIPTIONS", "describe_flags",
-           "flags_column_description", "combined_flags_description", "spot_flags"]
+__all__ = ["QualityFlag", "CombineFlag", "FLAG_DESCRIPTIONS", "COMBINE_FLAG_DESCRIPTIONS",
+           "describe_flags", "flags_column_description", "combined_flags_description",
+           "spot_flags"]
 
 
 class QualityFlag(enum.IntFlag):
@@ -75,6 +76,9 @@ FLAG_DESCRIPTIONS = {
     QualityFlag.ARTIFACT_LIGHT: "artifact light on a kept spot (network score or masked artifact)",
     QualityFlag.PAIR_RATIO: "pair-sum ratio inconsistent with the frame's smooth fit",
     QualityFlag.BAD_FLUX: "a flux is non-finite or a pair sum is not positive (q or u is NaN)",
+}
+
+COMBINE_FLAG_DESCRIPTIONS = {
     CombineFlag.DISAGREE: "the exposures disagree (chi-square test of the visit)",
     CombineFlag.NO_MEASUREMENT: "no measurement entered the visit's mean (q, u are NaN)",
 }

@@ -237,6 +237,12 @@ def test_other_field_is_refused_naming_it(tmp_path):
         bad = tmp_path / "bad.ecsv"
         Table({"x": [1.0]}).write(bad)
         combine_files([paths[0], bad], tmp_path / "v3.ecsv")
+    night = tmp_path / "stokes_all.ecsv"
+    both = Table.read(paths[0])
+    both["frame"] = ["a.fits"] * (len(both) - 1) + ["b.fits"]
+    both.write(night)
+    with pytest.raises(CombineError, match="stokes_all.ecsv: holds the rows of several frames"):
+        combine_files([night, paths[1]], tmp_path / "v5.ecsv")
     with pytest.raises(CombineError, match="not a readable ECSV"):
         junk = tmp_path / "junk.ecsv"
         junk.write_text("not a table\x00")

@@ -515,6 +515,8 @@ def _match_offsets(pos: _Positions, bright: list[np.ndarray], cfg: CombineConfig
     if pos.mode == "sky":
         sep = _separation(tables[ref], tables[odd])
         reason = f"pointings {sep:.3f} deg apart; {reason}"
+        if sep < 0.05:  # overlapping pointings: the frames' WCS may disagree
+            reason += "; if their WCS disagree, match by pixel positions"
     raise CombineError(f"{names[odd]}: not the same field as {names[ref]} ({reason}); "
                        f"nothing written")
 

@@ -90,6 +90,48 @@ _DATA.add_argument("--ds9", nargs=2, action="append", default=[], metavar=("FRAM
                         "see 'robopol-clean label'); repeatable")
 
 
+_COMBINING = _parent()
+_combining = _COMBINING.add_argument_group(
+    "combining exposures (combine; reduce --combine)",
+    "settings of robopol_clean.combine.CombineConfig; recorded in the visit table")
+_combining.add_argument("--combine-config", default=None, metavar="FILE.toml",
+                        help="combine settings as TOML (CombineConfig); the options below "
+                             "override it")
+_combining.add_argument("--include-flagged", action="store_true", default=None,
+                        help="let measurements with flags != 0 enter the means (default: only "
+                             "flags == 0)")
+_combining.add_argument("--significance", type=_probability, default=None, metavar="ALPHA",
+                        help="flag a star 'disagree' when its exposures' chi-square has a "
+                             "probability below ALPHA (default: 0.001)")
+_combining.add_argument("--match", choices=["auto", "sky", "pixel"], default=None,
+                        help="match stars by sky position (ra, dec) or pixel position (default: "
+                             "auto, sky when every table has ra and dec)")
+_combining.add_argument("--max-offset", type=float, default=None, metavar="PIX",
+                        help="largest dither between exposures (default: 150 px)")
+_combining.add_argument("--match-radius", type=float, default=None, metavar="PIX",
+                        help="largest distance of a star's positions after the offset "
+                             "(default: 3 px)")
+_combining.add_argument("--inflate-errors", action="store_true", default=None,
+                        help="multiply a star's errors by sqrt(chi2/dof) where that exceeds 1")
+
+
+def _combine_config(args):
+    """The CombineConfig of --combine-config, with the command line's options applied."""
+    from dataclasses import replace
+
+    from .combine import CombineConfig, load_combine_config
+    from .config import ConfigError
+
+    changes = {"include_flagged": args.include_flagged, "significance": args.significance,
+               "match": args.match, "max_offset": args.max_offset,
+               "match_radius": args.match_radius, "inflate_errors": args.inflate_errors}
+    try:
+        cfg = load_combine_config(args.combine_config) if args.combine_config else CombineConfig()
+        return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise CLIError(str(exc)) from None
+
+
 def _reduction_config(args):
     """The configuration of --config, with the command line's own options applied."""
     from .config import ConfigError, ReductionConfig, load_config
@@ -106,7 +148,7 @@ def _reduction_config(args):
 
 def _add_reduce(sub) -> None:
     p = sub.add_parser(
-        "reduce", parents=[_PROFILE, _REDUCTION, _OVERWRITE, _TALK],
+        "reduce", parents=[_PROFILE, _REDUCTION, _OVERWRITE, _TALK, _COMBINING],
         help="reduce frames: mask artifacts, write catalogues, regions and Stokes q/u",
         description="Reduce FITS frames. For each <stem>.fits, OUTDIR receives <stem>_spots.ecsv, "
                     "<stem>_stokes.ecsv, <stem>_rejected.reg and <stem>_clean.fits, and the night "
@@ -125,6 +167,9 @@ def _add_reduce(sub) -> None:
                    help="threads per local Dask worker (default: 1)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="use a running Dask scheduler (tcp://host:8786) instead of a local cluster")
+    p.add_argument("--combine", action="store_true",
+                   help="also combine consecutive frames of one field into visit tables: "
+                        "OUTDIR/<first stem>_visit.ecsv and visits.ecsv (see 'combine')")
     p.set_defaults(func=_run_reduce)
 
 
@@ -141,6 +186,7 @@ def _run_reduce(args) -> int:
     from .io import OutputError, check_writable
 
     config = _reduction_config(args)
+    combine_config = _combine_config(args) if args.combine else None
     try:
         profile = load_profile(args.profile)
         check_writable(args.outdir)
@@ -169,12 +215,25 @@ def _run_reduce(args) -> int:
             for w in outcome.warnings:
                 log.warning("warning: %s: %s", outcome.path, w)
     write_night_products(outcomes, args.outdir)
+    if combine_config is not None:
+        _combine_night(outcomes, args.outdir, combine_config)
     failed = [o for o in outcomes if o.status == "failed"]
     log.info("%d frame(s): %d reduced, %d skipped (products exist; --overwrite to redo), "
              "%d failed%s", len(outcomes), sum(o.status == "done" for o in outcomes),
              sum(o.status == "skipped" for o in outcomes), len(failed),
              f" (listed in {Path(args.outdir) / 'failures.ecsv'})" if failed else "")
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _combine_night(outcomes, outdir, config) -> None:
+    """Visit tables from the night's reduced (or skipped) frames, in input order."""
+    from .batch import stem_of
+    from .combine import combine_night
+    from .products import product_paths
+
+    paths = [product_paths(outdir, stem_of(o.path))["stokes"] for o in outcomes
+             if o.status != "failed"]
+    combine_night(paths, outdir, config=config)
 
 
 def _report_outcome(outcome) -> None:
@@ -321,6 +380,49 @@ def _run_label(args) -> int:
 
 
 
+def _add_combine(sub) -> None:
+    p = sub.add_parser(
+        "combine", parents=[_OVERWRITE, _TALK, _COMBINING],
+        help="combine the Stokes tables of repeated exposures of one field into a visit table",
+        description="Cross-match the stars of several <stem>_stokes.ecsv tables of one field "
+                    "(by sky position when every table has ra and dec, else by pixel position "
+                    "after a fitted per-frame offset; the first table is the reference) and "
+                    "write one row per star: weighted mean q and u, their errors, chi2/dof, "
+                    "the exposures used, p (debiased), theta and flags (disagreeing exposures). "
+                    "Only flags == 0 measurements enter the means unless --include-flagged. "
+                    "Tables of another field, profile, band or calibration are refused with "
+                    "one line naming the file, and nothing is written. Exit status: 0 written; "
+                    "2 refused or usage error.")
+    p.add_argument("inputs", nargs="+", metavar="STOKES_FILE",
+                   help="per-frame Stokes tables (ECSV), globs or @list.txt")
+    p.add_argument("-o", "--output", required=True, help="the visit table to write (ECSV)")
+    p.set_defaults(func=_run_combine)
+
+
+def _run_combine(args) -> int:
+    from .combine import CombineError, combine_files
+    from .inputs import expand_inputs
+    from .io import OutputError
+
+    config = _combine_config(args)
+    try:
+        files = expand_inputs(args.inputs)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    if len(files) < 2:
+        raise CLIError("give at least two Stokes tables of one field to combine")
+    try:
+        visit = combine_files(files, args.output, config=config, overwrite=args.overwrite)
+    except (CombineError, OutputError) as exc:
+        raise CLIError(str(exc)) from None
+    t = visit.table
+    shifts = ", ".join(f"({dx:+.1f}, {dy:+.1f})" for dx, dy in visit.offsets[1:])
+    log.info("%s: %d exposures (%s matching; offsets %s px): %d stars, %d with flags == 0",
+             args.output, len(files), visit.match, shifts, len(t),
+             int(np.count_nonzero(np.asarray(t["flags"]) == 0)))
+    return EXIT_OK
+
+
 def _labelled_data(args, *, seed_offset: int = 0):
     """Cutouts from simulated frames and DS9-labelled real frames, as one dataset."""
     from .datasets import CutoutDataset, cutout_dataset_from_ds9, cutout_dataset_from_simulation
@@ -440,7 +542,8 @@ def _run_evaluate(args) -> int:
 
 # --- main ------------------------------------------------------------------------------
 #: Subcommands in display order (helpers add their _add_* functions here).
-_SUBCOMMANDS: list = [_add_demo, _add_reduce, _add_simulate, _add_label, _add_train, _add_evaluate]
+_SUBCOMMANDS: list = [_add_demo, _add_reduce, _add_combine, _add_simulate, _add_label, _add_train,
+                     _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from scipy.spatial import cKDTree
 
 from ._version_info import __commit__, __version__
 from .background import estimate_background
+from .celestial import add_sky_columns, frame_wcs
 from .classify import FrameScene, SpotClassifier, decide
 from .config import PhotometryConfig, ReductionConfig, as_reduction_config
 from .detection import detect_spots, saturation_level
@@ -260,6 +261,9 @@ def _reduce(ccd: CCDData, profile: InstrumentProfile, clf: SpotClassifier, cfg: 
                            "threshold": float(threshold), "photometry": config.method,
                            "config": cfg.non_default(), "config_hash": cfg.digest(),
                            **psf_meta})
+    add_sky_columns(stokes, frame_wcs(sc.frame, name=name))  # ra, dec with a celestial WCS
+    if str(sc.frame.meta.get("FILTER", "") or "").strip():  # the band, for combining visits
+        stokes.meta["filter"] = str(sc.frame.meta["FILTER"]).strip()
     log.debug("%s: %d spots, %d rejected, %d clean quadruplets", name, meta["n_spots"],
               meta["n_rejected"], meta["n_clean"])
     return FrameResult(out, spots, groups, stokes, artifact_mask, meta)

@@ -18,7 +18,8 @@ import enum
 
 import numpy as np
 
-__all__ = ["QualityFlag", "FLAG_DESCRIPTIONS", "describe_flags", "flags_column_description",
+__all__ = ["QualityFlag", "CombineFlag", "FLAG_DESCRIPTIONS", "COMBINE_FLAG_DESCRIPTIONS",
+           "describe_flags", "flags_column_description", "combined_flags_description",
            "spot_flags"]
 
 
@@ -49,6 +50,22 @@ class QualityFlag(enum.IntFlag):
     BAD_FLUX = 256
 
 
+class CombineFlag(enum.IntFlag):
+    """Bits that combining the exposures of a visit adds (:mod:`robopol_clean.combine`).
+
+    They sit above the per-measurement bits (:class:`QualityFlag` keeps 1-2048), so a
+    combined row's ``flags`` holds both: the OR of the bits of the measurements that
+    entered the mean (0 unless flagged ones were let in) and these.
+    """
+
+    #: The exposures disagree: their chi-square about the weighted mean is improbable
+    #: (probability below the configured significance, 0.001 by default).
+    DISAGREE = 4096
+    #: No measurement entered the mean (none clean, or none with finite q, u and
+    #: errors): q, u and what follows are NaN.
+    NO_MEASUREMENT = 8192
+
+
 FLAG_DESCRIPTIONS = {
     QualityFlag.BLENDED: "blended: neighbouring spots' light dominates a spot's pixels",
     QualityFlag.MASKED: "a spot lost light to the mask, non-finite pixels or the image edge",
@@ -61,16 +78,28 @@ FLAG_DESCRIPTIONS = {
     QualityFlag.BAD_FLUX: "a flux is non-finite or a pair sum is not positive (q or u is NaN)",
 }
 
+COMBINE_FLAG_DESCRIPTIONS = {
+    CombineFlag.DISAGREE: "the exposures disagree (chi-square test of the visit)",
+    CombineFlag.NO_MEASUREMENT: "no measurement entered the visit's mean (q, u are NaN)",
+}
+
 
 def describe_flags(value: int) -> list[str]:
-    """Names (lower case) of the bits set in ``value``."""
-    return [f.name.lower() for f in QualityFlag if int(value) & f]
+    """Names (lower case) of the bits set in ``value`` (per-frame and combine bits)."""
+    return [f.name.lower() for f in (*QualityFlag, *CombineFlag) if int(value) & f]
 
 
 def flags_column_description() -> str:
     """One-line description of the ``flags`` column listing every bit."""
     bits = ", ".join(f"{int(f)} {f.name.lower()}" for f in QualityFlag)
     return f"quality bitmask, 0 = clean measurement ({bits}; see the conventions page)"
+
+
+def combined_flags_description() -> str:
+    """One-line description of a combined (visit) table's ``flags`` column."""
+    bits = ", ".join(f"{int(f)} {f.name.lower()}" for f in CombineFlag)
+    return (f"quality bitmask, 0 = clean: the OR of the used measurements' bits and the visit's "
+            f"own ({bits}; see the combine page)")
 
 
 def spot_flags(spots, *, photometry: str, blend_limit: float, chi2_limit: float,

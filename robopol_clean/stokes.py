@@ -41,6 +41,7 @@ __all__ = [
     "StokesResult",
     "normalized_difference",
     "stokes_from_fluxes",
+    "stokes_from_qu",
     "debias_mas",
     "angle_error",
     "nkc_angle_dispersion",
@@ -302,7 +303,51 @@ def stokes_from_fluxes(f0, f45, f90, f135, e0, e45, e90, e135, *,
     q = q - np.asarray(q_inst, dtype=float)
     u = u - np.asarray(u_inst, dtype=float)
     q, u, q_err, u_err = np.broadcast_arrays(q, u, q_err, u_err)
+    pol = stokes_from_qu(q, q_err, u, u_err)  # rotation invariant: before the rotation
 
+    two_d = np.radians(2.0 * float(angle_zero))
+    c, s = np.cos(two_d), np.sin(two_d)
+    q_rot = q * c - u * s
+    u_rot = q * s + u * c
+    q_err_rot = np.sqrt((c * q_err) ** 2 + (s * u_err) ** 2)
+    u_err_rot = np.sqrt((s * q_err) ** 2 + (c * u_err) ** 2)
+    theta = np.mod(0.5 * np.degrees(np.arctan2(u_rot, q_rot)), 180.0)
+    theta = np.where(theta >= 180.0, 0.0, theta)  # mod can round up to 180.0
+    values = dict(q=q_rot, q_err=q_err_rot, u=u_rot, u_err=u_err_rot, p=pol.p, p_err=pol.p_err,
+                  p_debiased=pol.p_debiased, theta=theta, theta_err=pol.theta_err, snr=pol.snr)
+    return StokesResult(**{k: np.asarray(v, dtype=float) for k, v in values.items()})
+
+
+def stokes_from_qu(q, q_err, u, u_err) -> StokesResult:
+    """p, its error, debiased p, theta and its error from q and u with independent errors.
+
+    The part of :func:`stokes_from_fluxes` after q and u are known, for q and u that come
+    from elsewhere (e.g. the weighted means of several exposures,
+    :mod:`robopol_clean.combine`). ``p_err`` is the error along the polarization vector;
+    ``b``, the error perpendicular to it, ``b^2 = (u^2 q_err^2 + q^2 u_err^2) / p^2``,
+    sets the MAS debiasing (:func:`debias_mas`) and the angle error
+    (``angle_error(p_debiased, b)``).
+
+    Parameters
+    ----------
+    q, q_err, u, u_err : array-like
+        Normalised Stokes q and u (dimensionless) and their independent 1-sigma errors.
+        Arrays broadcast together.
+
+    Returns
+    -------
+    StokesResult
+        q, u and their errors as given; p, p_err, p_debiased, theta (deg, in [0, 180)),
+        theta_err (deg) and snr = p / p_err.
+
+    Examples
+    --------
+    >>> r = stokes_from_qu(0.03, 0.001, -0.04, 0.001)
+    >>> round(float(r.p), 4), round(float(r.theta), 2), round(float(r.snr), 1)
+    (0.05, 153.43, 50.0)
+    """
+    q, q_err, u, u_err = np.broadcast_arrays(*(np.asarray(v, dtype=float)
+                                               for v in (q, q_err, u, u_err)))
     p = np.hypot(q, u)
     with np.errstate(divide="ignore", invalid="ignore"):
         nonzero = p > 0
@@ -314,17 +359,10 @@ def stokes_from_fluxes(f0, f45, f90, f135, e0, e45, e90, e135, *,
         snr = np.where(p_err > 0, p / p_err, np.nan)
     p_deb = debias_mas(p, b)
     theta_err = angle_error(p_deb, b)  # the angle moves with the perpendicular noise
-
-    two_d = np.radians(2.0 * float(angle_zero))
-    c, s = np.cos(two_d), np.sin(two_d)
-    q_rot = q * c - u * s
-    u_rot = q * s + u * c
-    q_err_rot = np.sqrt((c * q_err) ** 2 + (s * u_err) ** 2)
-    u_err_rot = np.sqrt((s * q_err) ** 2 + (c * u_err) ** 2)
-    theta = np.mod(0.5 * np.degrees(np.arctan2(u_rot, q_rot)), 180.0)
+    theta = np.mod(0.5 * np.degrees(np.arctan2(u, q)), 180.0)
     theta = np.where(theta >= 180.0, 0.0, theta)  # mod can round up to 180.0
-    values = dict(q=q_rot, q_err=q_err_rot, u=u_rot, u_err=u_err_rot, p=p, p_err=p_err,
-                  p_debiased=p_deb, theta=theta, theta_err=theta_err, snr=snr)
+    values = dict(q=q, q_err=q_err, u=u, u_err=u_err, p=p, p_err=p_err, p_debiased=p_deb,
+                  theta=theta, theta_err=theta_err, snr=snr)
     return StokesResult(**{k: np.asarray(v, dtype=float) for k, v in values.items()})
 
 

@@ -49,3 +49,34 @@ def real_frame():
     if not path.exists():
         pytest.skip("the real RoboPol frame (../shared/data) is not available")
     return SHARED_DATA
+
+
+#: Dithers (px) of the three exposures of ``visit_sims``.
+VISIT_DITHERS = ((0.0, 0.0), (14.5, -21.3), (-26.1, 8.7))
+
+
+@pytest.fixture(scope="session")
+def visit_sims(profile):
+    """Three dithered 640 x 640 exposures of one field, then one of another field.
+
+    90 field stars (the same in the three, with their own noise, PSF, sky and one
+    reflection source each) and a celestial TAN WCS that follows the dithers; the other
+    field points 0.41 deg away. Made in about 0.3 s.
+    """
+    from robopol_clean.simulate import simulate_frame
+
+    kw = dict(shape=(640, 640), origin=(300, 300), n_stars=90, target=False,
+              n_artifact_sources=1)
+    same = [simulate_frame(profile, seed=21 + k, field_seed=5, dither=d,
+                           sky_center=(210.0, 35.0), **kw) for k, d in enumerate(VISIT_DITHERS)]
+    other = simulate_frame(profile, seed=24, field_seed=6, sky_center=(210.5, 35.0), **kw)
+    return [*same, other]
+
+
+@pytest.fixture(scope="session")
+def visit_reduced(visit_sims, morphology):
+    """``visit_sims`` reduced (morphology classifier): four FrameResults, about 1 s."""
+    from robopol_clean.pipeline import reduce_frame
+
+    return [reduce_frame(sim.ccd, classifier=morphology, name=f"visit{k}.fits")
+            for k, sim in enumerate(visit_sims)]

@@ -145,3 +145,64 @@ def test_config_file_is_applied_and_recorded(small_fits, tmp_path, capsys):
     cfg.write_text("threshold = 2\n")
     assert _reduce(small_fits, "-o", tmp_path / "o2", "--config", cfg) == EXIT_USAGE
     assert "night.toml: threshold must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def visit_products(visit_sims, tmp_path_factory):
+    """The four visit frames written as FITS (header WCS) and reduced one by one (no cluster)."""
+    folder = tmp_path_factory.mktemp("visit")
+    for k, sim in enumerate(visit_sims):
+        sim.ccd.write(folder / f"visit{k}.fits")
+        assert _reduce(folder / f"visit{k}.fits", "-o", folder / "out") == EXIT_OK
+    return folder / "out"
+
+
+def test_combine_writes_a_visit_and_refuses_another_field(visit_products, tmp_path, capsys):
+    stokes = [visit_products / f"visit{k}_stokes.ecsv" for k in range(4)]
+    assert Table.read(stokes[0]).colnames[3:5] == ["ra", "dec"]  # from the file's header WCS
+    out = tmp_path / "visit.ecsv"
+    assert main(["combine", *map(str, stokes[:3]), "-o", str(out)]) == EXIT_OK
+    assert "3 exposures (sky matching" in capsys.readouterr().err
+    visit = Table.read(out)
+    assert visit.meta["inputs"] == [p.name for p in stokes[:3]] and visit.meta["config"] == {}
+    assert {"ra", "dec", "n_used", "chi2_dof", "p_debiased", "flags"} <= set(visit.colnames)
+    assert (visit["n_used"] == 3).sum() >= 10
+    # rerun: the output exists; another field: one line naming it, nothing written
+    assert main(["combine", *map(str, stokes[:3]), "-o", str(out)]) == EXIT_USAGE
+    assert "visit.ecsv: output exists" in capsys.readouterr().err
+    out2 = tmp_path / "mixed.ecsv"
+    assert main(["combine", *map(str, stokes), "-o", str(out2), "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "visit3_stokes.ecsv: not the same field as" in err[0]
+    assert "Traceback" not in err[0] and not out2.exists()
+    assert not list(tmp_path.glob(".*part"))
+    # options are applied and recorded; bad values are usage errors
+    out3 = tmp_path / "loose.ecsv"
+    assert main(["combine", str(visit_products / "visit*_stokes.ecsv"), "-o", str(out3),
+                 "--match", "pixel", "--include-flagged", "--significance", "0.01"]) == EXIT_USAGE
+    assert "visit3_stokes.ecsv: not the same field" in capsys.readouterr().err
+    assert main(["combine", *map(str, stokes[:3]), "-o", str(out3), "--match", "pixel",
+                 "--include-flagged", "--significance", "0.01"]) == EXIT_OK
+    assert Table.read(out3).meta["config"] == {"match": "pixel", "significance": 0.01,
+                                               "include_flagged": True}
+    assert main(["combine", *map(str, stokes[:3]), "-o", str(tmp_path / "x.ecsv"),
+                 "--max-offset", "-5"]) == EXIT_USAGE
+    assert "max_offset must be a positive number" in capsys.readouterr().err
+    assert main(["combine", str(stokes[0]), "-o", str(tmp_path / "y.ecsv")]) == EXIT_USAGE
+    assert "at least two" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reduce_combine_night(visit_sims, tmp_path):
+    """reduce --combine on a night (local cluster): the three frames of one field make a
+    visit; the frame of another field stands alone."""
+    for k, sim in enumerate(visit_sims):
+        sim.ccd.write(tmp_path / f"n{k}.fits")
+    out = tmp_path / "out"
+    assert main(["reduce", str(tmp_path / "n*.fits"), "-o", str(out), "--classifier", "morphology",
+                 "--workers", "2", "--combine", "-q"]) == EXIT_OK
+    visits = Table.read(out / "visits.ecsv")
+    assert list(visits["visit"]) == ["n0_visit.ecsv"] and list(visits["frames"]) == ["n0,n1,n2"]
+    visit = Table.read(out / "n0_visit.ecsv")
+    assert visit.meta["match"] == "sky" and len(visit) == visits["n_stars"][0]
+    assert (out / "summary.ecsv").exists() and (out / "n3_stokes.ecsv").exists()

@@ -129,3 +129,7 @@ def test_counts_are_consistent(result):
     assert 0 < m["n_clean"] <= m["n_stokes"] <= m["n_quadruplets"]
     assert m["n_quadruplets"] == int(result.groups["complete"].sum())
     assert m["n_clean"] == int((result.stokes["flags"] == 0).sum())
+
+
+def test_no_sky_columns_without_a_celestial_wcs(result):
+    assert "ra" not in result.stokes.colnames and "dec" not in result.stokes.colnames

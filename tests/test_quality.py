@@ -398,3 +398,19 @@ def test_clipped_spot_is_flagged_saturated(small_sim, profile, morphology, base)
     assert len(hit) == 1 and hit["n_saturated"][0] > 0 and hit["saturated"][0]
     assert row_flags(res, gid) & QualityFlag.SATURATED
     assert not row_flags(base, gid) & QualityFlag.SATURATED
+
+
+def test_combine_bits_sit_above_the_measurement_bits():
+    from robopol_clean.quality import (
+        COMBINE_FLAG_DESCRIPTIONS,
+        CombineFlag,
+        combined_flags_description,
+    )
+
+    values = [int(f) for f in CombineFlag]
+    assert all(v & (v - 1) == 0 for v in values) and min(values) > 2 * max(map(int, QualityFlag))
+    assert set(COMBINE_FLAG_DESCRIPTIONS) == set(CombineFlag)
+    text = combined_flags_description()
+    assert all(f"{int(f)} {f.name.lower()}" in text for f in CombineFlag)
+    assert describe_flags(int(QualityFlag.BLENDED) | int(CombineFlag.DISAGREE)) == ["blended",
+                                                                                   "disagree"]

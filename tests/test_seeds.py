@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (BENCH / "seeds.py").is_file(),
 
 #: Modules whose code must hold no literal frame seed (they import them from the registry).
 NO_LITERAL_SEEDS = ("labelled", "bench_baselines", "bench_cnn_cost", "bench_stokes",
-                    "bench_maximask", "bench_crowding", "bench_psf", "tune_cues")
+                    "bench_maximask", "bench_crowding", "bench_psf", "tune_cues", "bench_combine")
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,10 @@ def test_package_seeds_are_the_registrys(registry):
     data = json.loads(meta_path.read_text())["data"]
     assert (data["train"]["seed"], data["train"]["n_frames"]) == (train.master, train.n_frames)
     assert (data["test"]["seed"], data["test"]["n_frames"]) == (test.master, test.n_frames)
+
+
+def test_combine_plan_is_the_registrys(bench, registry):
+    plan = bench("bench_combine").plan
+    assert [f for f, _ in plan(False)] == registry.SEEDS["combine_fields"].frames()
+    assert [s for _, frames in plan(False) for s, _ in frames] == registry.SEEDS["combine"].frames()
+    assert set(s for _, frames in plan(True) for s, _ in frames) <= set(registry.SEEDS["combine"].frames())

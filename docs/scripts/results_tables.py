@@ -12,6 +12,7 @@ command of its own,
 ``benchmarks/results/night.json``      ``python benchmarks/bench_night.py``
 ``benchmarks/results/demo.json``       ``python docs/scripts/results_tables.py --demo``
 ``benchmarks/results/real_frame.json`` ``python docs/scripts/real_frame.py`` (needs ``../shared``)
+``benchmarks/results/combine.json``    ``python benchmarks/bench_combine.py``
 ``robopol_clean/data/robopol_cnn.json`` the shipped model's metadata (its training run)
 =====================================  ==================================================
 
@@ -53,7 +54,7 @@ def _pct(x: float, digits: int = 1) -> str:
 
 # -- README -------------------------------------------------------------------------------
 def readme_rows(latest: dict, night: dict | None, demo: dict | None,
-                real: dict | None) -> list[str]:
+                real: dict | None, combine: dict | None = None) -> list[str]:
     """The rows of the README's "What it measures" table."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -114,6 +115,17 @@ def readme_rows(latest: dict, night: dict | None, demo: dict | None,
                      f"{cold['wall_median_s']:.2f} s, {cold['peak_rss_mib']:.0f} MiB peak")
         rows.append(f"| one {st['shape'][0]} x {st['shape'][1]} frame, {st['n_stars']} stars "
                     f"| {text} | `python benchmarks/run.py` (section `stages`) |")
+    if combine:
+        r = combine["results"]
+        sky, single = r["variants"]["sky"]["all"], r["variants"]["single exposures"]["all"]
+        fields = r["fields"]
+        rows.append(
+            f"| visits combined: {len(fields)} fields x {len(fields[0]['frame_seeds'])} dithered "
+            f"exposures | weighted-mean q/u of {sky['q']['n']:,} clean stars: pulls robust sigma "
+            f"{sky['q']['sigma_robust']:.3f}/{sky['u']['sigma_robust']:.3f}, mean "
+            f"{sky['q']['mean']:.3f}/{sky['u']['mean']:.3f} (single exposures: "
+            f"{single['q']['sigma_robust']:.3f}/{single['u']['sigma_robust']:.3f}) "
+            f"| `python benchmarks/bench_combine.py` |")
     if night:
         runs = {r["label"]: r for r in night["runs"]}
         w1, w2 = runs.get("--workers 1"), runs.get("--workers 2")
@@ -291,7 +303,7 @@ def expected() -> dict[Path, str]:
     meta = _load(MODEL_META)
     out = {README: replace_between(README.read_text(), readme_table(readme_rows(
         latest, _load(RESULTS / "night.json"), _load(RESULTS / "demo.json"),
-        _load(RESULTS / "real_frame.json"))))}
+        _load(RESULTS / "real_frame.json"), _load(RESULTS / "combine.json"))))}
     if meta is not None:
         out[GENERATED / "model_card_training.rst"] = model_card_training(meta)
         out[GENERATED / "model_card_network.rst"] = model_card_network(meta)

@@ -25,6 +25,7 @@ from ._reflections import add_reflections
 from ._sky import draw_sky, sky_image
 from ._stars import add_stars, draw_geometry, draw_psf, draw_star_count, max_spot_offset
 from ._truth import artifact_table, frame_header, spot_table, star_table, table_meta
+from ._wcs import simulated_wcs
 
 #: Instrumental magnitude of a source giving 1 electron per second over all its spots.
 ZERO_POINT = 23.1
@@ -66,6 +67,9 @@ def simulate_frame(
     n_stars: int | None = None,
     shape: tuple[int, int] | None = None,
     origin: tuple[int, int] = (0, 0),
+    field_seed: int | None = None,
+    dither: tuple[float, float] = (0.0, 0.0),
+    sky_center: tuple[float, float] | None = None,
     fwhm: float | None = None,
     beta: float | None = None,
     ellipticity: float | None = None,
@@ -107,6 +111,23 @@ def simulate_frame(
         region starting at ``origin``.
     origin : (x0, y0)
         Detector pixel of image pixel (0, 0).
+    field_seed : int, optional
+        Draw the stars (their number when ``n_stars`` is not given, positions, doubles,
+        magnitudes, polarization and the target's) from a generator of their own with
+        this seed, so that frames of different ``seed`` and the same ``field_seed`` (and
+        the same star arguments) show the same field with their own noise, PSF, sky and
+        artifacts: repeated exposures of one field. By default the stars come from the
+        frame's generator.
+    dither : (dx, dy)
+        Shift (px) of the field on the image: a star drawn at ``(x, y)`` lands on
+        ``(x + dx, y + dy)`` (the truth tables list the shifted positions). The field
+        is drawn over the undithered frame, so a strip ``|dx|`` (``|dy|``) wide at one
+        edge has no stars.
+    sky_center : (ra, dec), optional
+        Give the frame a celestial TAN WCS (header keywords and ``ccd.wcs``): this ICRS
+        position (deg) at the detector centre when undithered, the profile's pixel
+        scale, north up, east left; the WCS follows ``dither``, so a star keeps its sky
+        position. None (default): no WCS.
     fwhm : float, optional
         Seeing FWHM (px); drawn uniformly in ``profile.fwhm_range`` by default.
     beta : float, optional
@@ -177,7 +198,8 @@ def simulate_frame(
     # frame-level draws, then the components, in the seed's fixed order (module docstring)
     psf = draw_psf(rng, prof, fwhm, beta, ellipticity)
     sky_drawn = draw_sky(rng, sky, sky_range, exptime)
-    n_stars = draw_star_count(rng, n_stars, area_frac)
+    field_rng = None if field_seed is None else np.random.default_rng(field_seed)
+    n_stars = draw_star_count(rng if field_rng is None else field_rng, n_stars, area_frac)
     geometry, shifts = draw_geometry(rng, prof, geometry_jitter)
     params: dict[str, Any] = {
         "seed": int(seed), "shape": shape, "origin": origin, "fwhm": psf.fwhm, "beta": psf.beta,
@@ -192,7 +214,8 @@ def simulate_frame(
                       spot_offset=offset, vignetting_depth=sky_drawn.vignetting_depth,
                       exptime=exptime, target=target, mag_range=mag_range,
                       count_slope=count_slope, zero_point=zero_point,
-                      pair_ratio_slope=pair_ratio_slope, max_polarization=max_polarization)
+                      pair_ratio_slope=pair_ratio_slope, max_polarization=max_polarization,
+                      field_rng=field_rng, dither=dither)
     rows = add_reflections(rng, prof, geometry, stars, light, sky_e, n_groups=n_artifact_sources,
                            area_frac=area_frac, spot_offset=offset, origin=origin, fwhm=psf.fwhm)
     rows += add_donuts(rng, sky_e, n_donuts, area_frac=area_frac, contrast=donut_contrast,
@@ -213,6 +236,16 @@ def simulate_frame(
                           sky_level=sky_drawn.level, zero_point=zero_point,
                           n_stars=len(stars.x), n_artifacts=len(artifacts), shifts=shifts,
                           noise=noise, saturate=saturate, include_bias=include_bias)
-    return SimulatedFrame(ccd=CCDData(data, unit="adu", meta=header), stars=star_truth,
+    wcs = None
+    if field_seed is not None or dither[0] or dither[1]:
+        params.update(field_seed=field_seed, dither=tuple(map(float, dither)))
+        header["FIELDSD"] = (field_seed if field_seed is not None else -1,
+                             "seed of the star field (-1: the frame's)")
+        header["DITHX"] = (float(dither[0]), "shift of the field on the image, x (px)")
+        header["DITHY"] = (float(dither[1]), "shift of the field on the image, y (px)")
+    if sky_center is not None:
+        wcs = simulated_wcs(prof, sky_center, origin=origin, dither=dither)
+        header.update(wcs.to_header())
+    return SimulatedFrame(ccd=CCDData(data, unit="adu", meta=header, wcs=wcs), stars=star_truth,
                           spots=spots, artifacts=artifacts,
                           sky=(sky_e / prof.gain).astype(np.float32), params=params)

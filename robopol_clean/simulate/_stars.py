@@ -283,7 +283,8 @@ def add_stars(rng: np.random.Generator, prof: InstrumentProfile, geometry: SpotG
               origin: tuple[int, int], spot_offset: float, vignetting_depth: float, exptime: float,
               target: Mapping[str, float] | bool | None, mag_range: tuple[float, float],
               count_slope: float, zero_point: float, pair_ratio_slope: float,
-              max_polarization: float) -> StarField:
+              max_polarization: float, field_rng: np.random.Generator | None = None,
+              dither: tuple[float, float] = (0.0, 0.0)) -> StarField:
     """Draw the field stars (and the target) and render their spots.
 
     Parameters
@@ -312,6 +313,11 @@ def add_stars(rng: np.random.Generator, prof: InstrumentProfile, geometry: SpotG
         Exposure time (s).
     target, mag_range, count_slope, zero_point, pair_ratio_slope, max_polarization
         As for :func:`~robopol_clean.simulate.simulate_frame`.
+    field_rng : Generator, optional
+        Draw the stars from this generator instead of ``rng`` (the same field in
+        several frames).
+    dither : (dx, dy)
+        Shift (px) of every star, drawn at its field position, on the image.
 
     Returns
     -------
@@ -321,8 +327,10 @@ def add_stars(rng: np.random.Generator, prof: InstrumentProfile, geometry: SpotG
     ny, nx = shape
     x0, y0 = origin
     xs, ys, mags, qs, us, is_target = _draw_stars(
-        rng, prof, n_stars, shape, origin, spot_offset + 10.0, target, mag_range, count_slope,
-        max_polarization)
+        rng if field_rng is None else field_rng, prof, n_stars, shape, origin,
+        spot_offset + 10.0, target, mag_range, count_slope, max_polarization)
+    if dither[0] or dither[1]:
+        xs, ys = xs + float(dither[0]), ys + float(dither[1])
     xd, yd = xs + x0, ys + y0
     q_obs, u_obs = _observed_qu(prof, qs, us, xd, yd)
     vig = vignetting(prof, vignetting_depth, xd, yd)

@@ -81,6 +81,7 @@ def write_products(result, outdir: str | os.PathLike, stem: str, *, overwrite: b
         if existing:
             raise OutputError(f"{existing[0]}: output exists (use --overwrite to replace it)")
 
+    from .celestial import frame_wcs
     from .regions_io import spots_to_ds9, write_regions
 
     spots = result.spots
@@ -89,7 +90,7 @@ def write_products(result, outdir: str | os.PathLike, stem: str, *, overwrite: b
     # Rejected spots in red and, drawn in orange, the kept ones in the uncertain band.
     flagged = np.asarray(spots["rejected"], bool) | np.asarray(spots["uncertain"], bool)
     rejected = spots[flagged] if len(spots) else spots
-    wcs = result.ccd.wcs if result.ccd.wcs is not None and result.ccd.wcs.has_celestial else None
+    wcs = frame_wcs(result.ccd, name=stem)  # CCDData.wcs, or the header's (as read_frame keeps it)
     regions = spots_to_ds9(rejected, wcs=wcs, radius=2.0 * float(result.meta.get("fwhm", 4.0)))
     write_regions(regions, paths["regions"], overwrite=overwrite)
     write_atomic(paths["clean"], lambda p: _write_fits(result.ccd, p), overwrite=overwrite)

@@ -208,3 +208,29 @@ def test_default_colors_follow_the_decision():
     colors = [r.visual.get("edgecolor") or r.visual.get("color") for r in spots_to_regions(spots)]
     assert colors == [DEFAULT_COLORS[k] for k in ("rejected", "uncertain", "kept")]
     assert DEFAULT_COLORS["rejected"] == "red"
+
+
+def test_products_of_a_frame_read_with_a_wcs_are_sky_regions(tmp_path):
+    """A frame whose header has a celestial WCS (read_frame keeps it in the header, not in
+    CCDData.wcs) gets its rejected spots as sky regions."""
+    from regions import Regions
+
+    from robopol_clean.instrument import load_profile
+    from robopol_clean.io import read_frame
+    from robopol_clean.pipeline import reduce_frame
+    from robopol_clean.products import write_products
+    from robopol_clean.simulate import simulate_frame
+
+    sim = simulate_frame("robopol", seed=3, shape=(512, 512), n_stars=40, n_artifact_sources=3,
+                         sky_center=(150.0, 20.0))
+    path = tmp_path / "frame.fits"
+    sim.ccd.write(path)
+    profile = load_profile("robopol")
+    ccd = read_frame(path, profile)
+    result = reduce_frame(ccd, profile=profile, classifier="morphology", name=path.name)
+    assert result.spots["rejected"].any()
+    written = write_products(result, tmp_path / "out", "frame")
+    regs = Regions.read(written["regions"], format="ds9")
+    assert len(regs) == int(result.spots["rejected"].sum() + result.spots["uncertain"].sum())
+    centre = regs[0].center
+    assert centre.frame.name == "icrs" and abs(centre.ra.deg - 150.0) < 0.2

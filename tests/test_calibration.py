@@ -336,7 +336,7 @@ def test_frame_without_a_standard_is_named(small_sim, morphology):
         measure_standards([small_sim.ccd], classifier=morphology)
 
 
-def test_standard_found_by_wcs(standard_sims, morphology):
+def test_standard_found_by_wcs(standard_sims, morphology, tmp_path):
     """OBJECT names no standard, but the WCS puts one at the target position."""
     sim = standard_sims[3]
     ccd = sim.ccd.copy()
@@ -352,6 +352,12 @@ def test_standard_found_by_wcs(standard_sims, morphology):
     m = measure_standards([ccd], classifier=morphology)
     assert (m["standard"][0], m["matched_by"][0], m["located_by"][0]) == ("HD 212311", "WCS", "WCS")
     assert m["offset"][0] == pytest.approx(2.0, abs=1.0)
+    # the same from a FITS file: the WCS is read from its header
+    path = tmp_path / "zp.fits"
+    ccd.write(path)
+    on_disk = measure_standards([path], classifier=morphology)
+    assert (on_disk["matched_by"][0], on_disk["located_by"][0]) == ("WCS", "WCS")
+    assert on_disk["q"][0] == pytest.approx(m["q"][0])
     # the WCS puts the named standard off the frame: refused
     w.wcs.crpix = [5000.0, 5000.0]
     ccd.header["OBJECT"] = "HD 212311"

@@ -60,7 +60,7 @@ class FileOutcome:
 
 def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
                 profile: str | InstrumentProfile = "robopol", classifier=None, config=None,
-                overwrite: bool = False, diagnostic: bool = False) -> FileOutcome:
+                calibration=None, overwrite: bool = False, diagnostic: bool = False) -> FileOutcome:
     """Read, reduce and write the products of one frame; never raises for bad input.
 
     A frame whose products all exist in ``outdir`` is skipped (status ``"skipped"``)
@@ -89,6 +89,11 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
         Also write the diagnostic PNG.
     config : ReductionConfig, optional
         Every setting of the reduction (the defaults if omitted).
+    calibration : Calibration or path, optional
+        A calibration file applied on top of the profile (see
+        `robopol_clean.pipeline.reduce_frame`); load it once
+        (:func:`~robopol_clean.calibration.load_calibration`) to give every frame the
+        same one.
 
     Returns
     -------
@@ -116,7 +121,7 @@ def reduce_file(path: str | os.PathLike, outdir: str | os.PathLike, *,
             warnings.simplefilter("always")
             ccd = read_frame(path, prof)
             result = reduce_frame(ccd, profile=prof, classifier=cached_classifier(classifier),
-                                  config=config, name=Path(path).name)
+                                  config=config, calibration=calibration, name=Path(path).name)
         caught = _unique_messages(records)
         write_products(result, outdir, stem, overwrite=overwrite, diagnostic=diagnostic)
     except (FrameError, OutputError) as exc:
@@ -179,7 +184,8 @@ _DASK_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
 
 
 def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopol",
-                 classifier: str = "cnn", config=None, overwrite: bool = False, diagnostic: bool = False,
+                 classifier: str = "cnn", config=None, calibration=None, overwrite: bool = False,
+                 diagnostic: bool = False,
                  workers: int | None = None, threads_per_worker: int = 1,
                  scheduler: str | None = None, progress: str | bool | None = None,
                  progress_interval: float = 30.0, max_in_flight: int | None = None,
@@ -199,9 +205,10 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
         Input FITS files.
     outdir : path-like
         Output folder.
-    profile, classifier, config, overwrite, diagnostic
+    profile, classifier, config, calibration, overwrite, diagnostic
         As for :func:`reduce_file`; ``classifier`` is a name, loaded once per worker,
-        and every worker gets the same ``config``.
+        and every worker gets the same ``config`` and the same ``calibration`` (a path is
+        read once, here, and the values sent to the workers).
     workers : int, optional
         Local worker processes (default: one per core). Ignored with ``scheduler``.
     threads_per_worker : int
@@ -228,7 +235,10 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
     """
     import sys
 
+    from .calibration import as_calibration
+
     profile = load_profile(profile)
+    calibration = as_calibration(calibration)
     results: dict[str, FileOutcome] = {}
     todo = []
     for path in files:
@@ -244,8 +254,8 @@ def reduce_night(files: list[str], outdir: str | os.PathLike, *, profile="robopo
         if path in results:
             report(results[path])
     if todo:
-        options = dict(profile=profile, classifier=classifier, config=config, overwrite=overwrite,
-                       diagnostic=diagnostic)
+        options = dict(profile=profile, classifier=classifier, config=config,
+                       calibration=calibration, overwrite=overwrite, diagnostic=diagnostic)
         with _quiet_dask(verbose):
             results.update(_run_on_dask(todo, os.path.abspath(str(outdir)), options, report,
                                         workers=workers, threads_per_worker=threads_per_worker,

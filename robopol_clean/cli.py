@@ -170,6 +170,10 @@ def _add_reduce(sub) -> None:
     p.add_argument("--combine", action="store_true",
                    help="also combine consecutive frames of one field into visit tables: "
                         "OUTDIR/<first stem>_visit.ecsv and visits.ecsv (see 'combine')")
+    p.add_argument("--calibration", default=None, metavar="FILE.toml",
+                   help="apply this calibration file (from 'robopol-clean calibrate') in place of the "
+                        "profile's angle zero point and instrumental polarization; its SHA-256 is "
+                        "recorded in the header (RCLCAL) and the catalogues")
     p.set_defaults(func=_run_reduce)
 
 
@@ -189,6 +193,7 @@ def _run_reduce(args) -> int:
     combine_config = _combine_config(args) if args.combine else None
     try:
         profile = load_profile(args.profile)
+        calibration = _checked_calibration(args.calibration, profile)
         check_writable(args.outdir)
     except (ProfileError, OutputError) as exc:
         raise CLIError(str(exc)) from None
@@ -200,8 +205,8 @@ def _run_reduce(args) -> int:
             get_classifier(args.model)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
-    options = dict(profile=profile, config=config, overwrite=args.overwrite,
-                   diagnostic=args.diagnostic)
+    options = dict(profile=profile, config=config, calibration=calibration,
+                   overwrite=args.overwrite, diagnostic=args.diagnostic)
     if len(files) == 1 and not args.scheduler:
         # One frame: no cluster to start; the frame is read before the model loads.
         outcomes = [reduce_file(files[0], args.outdir, classifier=classifier, **options)]
@@ -236,6 +241,21 @@ def _combine_night(outcomes, outdir, config) -> None:
     combine_night(paths, outdir, config=config)
 
 
+def _checked_calibration(path, profile):
+    """The calibration file of --calibration, read and checked against the profile (None
+    without one): a bad file is a usage error, found before anything is written."""
+    if not path:
+        return None
+    from .calibration import CalibrationError, load_calibration
+
+    try:
+        calibration = load_calibration(path)
+        calibration.apply(profile)
+    except CalibrationError as exc:
+        raise CLIError(str(exc)) from None
+    return calibration
+
+
 def _report_outcome(outcome) -> None:
     for w in outcome.warnings:
         log.warning("warning: %s", w)
@@ -248,6 +268,113 @@ def _set_verbosity(args) -> None:
         logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     log.setLevel(level)
     logging.getLogger("py.warnings").setLevel(max(level, logging.WARNING))
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", parents=[_PROFILE, _REDUCTION, _OVERWRITE, _TALK],
+        help="fit the angle zero point and instrumental polarization to frames of standard stars",
+        description="Measure the polarization standard in each frame (recognised by OBJECT, or by "
+                    "position when the frame has a celestial WCS; the brightest pattern near the "
+                    "target position) and fit the angle zero point (from polarized standards) and "
+                    "the instrumental q and u (a constant, or with --order a polynomial over the "
+                    "field) in one weighted least-squares fit. Writes the calibration file OUTPUT "
+                    "(TOML: values, errors, covariance, chi2, per-standard residuals) and beside it "
+                    "<stem>_residuals.png; 'reduce --calibration OUTPUT' applies it. FITS frames are "
+                    "reduced here without a calibration; <stem>_stokes.ecsv products of a reduce "
+                    "made without one are read as they are. Exit status 2, and nothing written, "
+                    "when a frame shows no recognisable standard or the frames cannot constrain "
+                    "what is asked (e.g. no polarized standard: no zero point).")
+    p.add_argument("inputs", nargs="+", metavar="FRAME",
+                   help="FITS frames of standards or <stem>_stokes.ecsv products (files, globs, "
+                        "folders or @list.txt)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.toml",
+                   help="the calibration file to write")
+    p.add_argument("--order", type=int, choices=[0, 1, 2], default=0,
+                   help="degree of the instrumental-polarization polynomial over the field (default: "
+                        "0, a constant; 1 and 2 need standards at 3 and 6 positions)")
+    p.add_argument("--fix-angle", action="store_true",
+                   help="keep the profile's angle zero point; fit only the instrumental polarization")
+    p.add_argument("--fix-instrumental", action="store_true",
+                   help="keep the profile's instrumental polarization; fit only the zero point")
+    p.add_argument("--exact-catalogue", action="store_true",
+                   help="take the standards' catalogue q and u as exact (default: fitted within "
+                        "their catalogue errors)")
+    p.add_argument("--allow-flags", default="", metavar="NAMES",
+                   help="comma-separated quality flags a standard's Stokes row may have, e.g. "
+                        "poor_fit (default: none; only flags == 0 rows are used)")
+    p.add_argument("--match-radius", type=float, default=None, metavar="PX",
+                   help="the standard is the brightest pattern within PX of its expected position "
+                        "(default: 25)")
+    p.add_argument("--sky-tolerance", type=float, default=None, metavar="ARCSEC",
+                   help="match a frame to a standard by WCS position within ARCSEC when OBJECT names "
+                        "none (default: 60)")
+    p.set_defaults(func=_run_calibrate)
+
+
+def _flag_bits(text: str) -> int:
+    from .quality import QualityFlag
+
+    bits = 0
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        try:
+            bits |= int(QualityFlag[name.upper()])
+        except KeyError:
+            known = ", ".join(f.name.lower() for f in QualityFlag)
+            raise CLIError(f"--allow-flags: unknown flag {name!r} (known: {known})") from None
+    return bits
+
+
+def _run_calibrate(args) -> int:
+    import io
+
+    from .calibration import CalibrationError, fit_calibration
+    from .inputs import expand_inputs
+    from .instrument import ProfileError, load_profile
+    from .io import FrameError, OutputError, write_atomic
+    from .standards import StandardError
+
+    output = Path(args.output)
+    figure = output.with_name(f"{output.stem}_residuals.png")
+    for path in (output, figure):
+        if path.exists() and not args.overwrite:
+            raise CLIError(f"{path}: output exists (use --overwrite to replace it)")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise CLIError(f"{output.parent}: not a folder")
+    try:
+        files = expand_inputs(args.inputs, strict=True)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    settings = dict(order=args.order, fit_angle=not args.fix_angle,
+                    fit_instrumental=not args.fix_instrumental,
+                    catalogue_errors=not args.exact_catalogue,
+                    allow_flags=_flag_bits(args.allow_flags), match_radius=args.match_radius,
+                    sky_tolerance=args.sky_tolerance)
+    config = _reduction_config(args)
+    try:
+        profile = load_profile(args.profile)
+        for path in files:
+            if not Path(path).is_file():
+                raise CLIError(f"{path}: no such file")
+        log.info("calibrating from %d frame(s)...", len(files))
+        fit = fit_calibration(files, profile=profile, classifier=args.model or args.classifier,
+                              config=config, **settings)
+    except (CalibrationError, StandardError, FrameError, ProfileError) as exc:
+        raise CLIError(str(exc)) from None
+    from .plots import plot_calibration_residuals
+
+    png = io.BytesIO()  # drawn before anything is written: a failure leaves nothing behind
+    plot_calibration_residuals(fit).savefig(png, format="png")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fit.write(output, overwrite=args.overwrite)
+        write_atomic(figure, lambda p: Path(p).write_bytes(png.getvalue()), overwrite=args.overwrite)
+    except (OutputError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+    print(f"{output}: calibration from {len(fit.measurements)} frame(s) of "
+          f"{len(fit.standards)} standard(s); residuals in {figure}")
+    print(fit.summary())
+    return EXIT_OK
 
 
 def _add_demo(sub) -> None:
@@ -293,6 +420,17 @@ def _add_simulate(sub) -> None:
                    help="stars per frame (default: drawn, 150-900 per full detector)")
     p.add_argument("--size", type=int, default=None, metavar="NX",
                    help="simulate an NX x NX corner of the detector (default: the whole detector)")
+    p.add_argument("--standard", default=None, metavar="NAME",
+                   help="make the target this polarization standard (its catalogue q and u; OBJECT "
+                        "set to its name), e.g. 'BD+59 389' or 'HD 212311'")
+    p.add_argument("--target-mag", type=float, default=None, metavar="MAG",
+                   help="magnitude of the target (default: drawn; 11 for a standard)")
+    p.add_argument("--angle-zero", type=float, default=None, metavar="DEG",
+                   help="inject this angle zero point (default: the profile's)")
+    p.add_argument("--q-inst", type=float, default=None, metavar="Q",
+                   help="inject this constant instrumental q (default: the profile's map)")
+    p.add_argument("--u-inst", type=float, default=None, metavar="U",
+                   help="inject this constant instrumental u (default: the profile's map)")
     p.set_defaults(func=_run_simulate)
 
 
@@ -314,6 +452,15 @@ def _run_simulate(args) -> int:
     kw = {"n_stars": args.n_stars}
     if args.size is not None:
         kw["shape"] = (args.size, args.size)
+    if args.standard is not None:
+        kw["standard"] = args.standard
+    if args.target_mag is not None:
+        kw["target"] = {"mag": args.target_mag}
+    injected = {key: value for key, value in (("angle_zero", args.angle_zero),
+                                               ("q_inst", args.q_inst), ("u_inst", args.u_inst))
+                if value is not None}
+    if injected:
+        kw["calibration"] = injected
     n_written = 0
 
     def report(path, sim) -> None:
@@ -327,7 +474,7 @@ def _run_simulate(args) -> int:
     try:
         simulate_frames(args.outdir, args.n_frames, args.seed, profile, overwrite=args.overwrite,
                         callback=report, **kw)
-    except OutputError as exc:
+    except (OutputError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     print(f"wrote {n_written} simulated frame(s) with truth tables to {args.outdir}")
     return EXIT_OK
@@ -542,8 +689,8 @@ def _run_evaluate(args) -> int:
 
 # --- main ------------------------------------------------------------------------------
 #: Subcommands in display order (helpers add their _add_* functions here).
-_SUBCOMMANDS: list = [_add_demo, _add_reduce, _add_combine, _add_simulate, _add_label, _add_train,
-                     _add_evaluate]
+_SUBCOMMANDS: list = [_add_demo, _add_reduce, _add_calibrate, _add_combine, _add_simulate, _add_label,
+                      _add_train, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from scipy.spatial import cKDTree
 
 from ._version_info import __commit__, __version__
 from .background import estimate_background
+from .calibration import Calibration, as_calibration
 from .celestial import add_sky_columns, frame_wcs
 from .classify import FrameScene, SpotClassifier, decide
 from .config import PhotometryConfig, ReductionConfig, as_reduction_config
@@ -148,6 +149,7 @@ def reduce_frame(
     uncertain_band: tuple[float, float] | None | str = "config",
     detection_threshold: float | None = None,
     photometry: str | None = None,
+    calibration: Calibration | str | os.PathLike | None = None,
     name: str = "frame",
 ) -> FrameResult:
     """Detect, group, score, mask, measure and compute Stokes parameters for one frame.
@@ -168,6 +170,12 @@ def reduce_frame(
     threshold, uncertain_band, detection_threshold, photometry
         Shortcuts that override ``config.threshold``, ``config.uncertain_band``
         (None: no band), ``config.detection_threshold`` and ``config.photometry.method``.
+    calibration : Calibration or path, optional
+        A calibration file (``robopol-clean calibrate``, see :doc:`/calibration`) whose
+        angle zero point and instrumental polarization replace the profile's
+        ``[calibration]`` values for this frame; its SHA-256 and path are recorded in the
+        header (``RCLCAL``, ``RCLCALF``) and the catalogues' metadata
+        (``calibration_file``).
     name : str
         Name used in messages (usually the file name).
 
@@ -180,13 +188,16 @@ def reduce_frame(
     if uncertain_band != "config":
         cfg = replace(cfg, uncertain_band=uncertain_band)
     profile = load_profile(profile)
+    cal = as_calibration(calibration)
+    if cal is not None:
+        profile = cal.apply(profile)
     clf = get_classifier(classifier)
     with _one_blas_thread():
-        return _reduce(ccd, profile, clf, cfg, name)
+        return _reduce(ccd, profile, clf, cfg, name, cal)
 
 
 def _reduce(ccd: CCDData, profile: InstrumentProfile, clf: SpotClassifier, cfg: ReductionConfig,
-            name: str) -> FrameResult:
+            name: str, calibration: Calibration | None = None) -> FrameResult:
     config = cfg.photometry
     threshold = cfg.threshold
     timings: dict[str, float] = {}
@@ -250,6 +261,7 @@ def _reduce(ccd: CCDData, profile: InstrumentProfile, clf: SpotClassifier, cfg: 
         "n_clean": int(np.count_nonzero(np.asarray(stokes["flags"]) == 0)),
         "photometry": config.method,
         **psf_meta,
+        "calibration_file": None if calibration is None else calibration.describe(),
         "timings": timings,
     }
     _write_provenance(out, meta)
@@ -260,6 +272,9 @@ def _reduce(ccd: CCDData, profile: InstrumentProfile, clf: SpotClassifier, cfg: 
                            "profile": profile.name, "classifier": clf.name,
                            "threshold": float(threshold), "photometry": config.method,
                            "config": cfg.non_default(), "config_hash": cfg.digest(),
+                           **({"calibration_file": meta["calibration_file"],
+                               "calibration_hash": meta["calibration_file"]["sha256"]}
+                              if calibration else {}),
                            **psf_meta})
     add_sky_columns(stokes, frame_wcs(sc.frame, name=name))  # ra, dec with a celestial WCS
     if str(sc.frame.meta.get("FILTER", "") or "").strip():  # the band, for combining visits
@@ -660,6 +675,9 @@ def _write_provenance(ccd: CCDData, meta: dict) -> None:
     if hasattr(h, "add_history"):  # a FITS header (a plain dict meta has no HISTORY)
         for key, value in meta["config"].items():  # what differs from the defaults, readable
             h.add_history(f"robopol-clean config: {key} = {value}")
+    if meta.get("calibration_file"):  # a calibration file applied (the profile's own: absent)
+        h["RCLCAL"] = meta["calibration_file"]["sha256"]  # 64 hex digits: no room for a comment
+        h["RCLCALF"] = (meta["calibration_file"]["file"], "calibration file applied")
     if "psf_fwhm" in meta:
         h["RCLPSFW"] = (meta["psf_fwhm"], "[pix] PSF FWHM (geometric mean)")
         h["RCLPSFE"] = (meta["psf_ellipticity"], "PSF ellipticity 1 - b/a")

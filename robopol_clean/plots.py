@@ -412,3 +412,74 @@ def plot_probability_histogram(p, labels=None, path=None, *, threshold: float | 
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+# ---------------------------------------------------------------------------------
+# Calibration from standard stars
+# ---------------------------------------------------------------------------------
+__all__ += ["plot_calibration_residuals"]
+
+
+def plot_calibration_residuals(fit, path=None):
+    """Residuals of a calibration fit, per standard and frame.
+
+    Top: measured minus model q and u (in units of 1e-3) with their 1-sigma errors, the
+    frames grouped by standard; bottom: the same in units of the errors. The title gives
+    the fitted values and the chi-square.
+
+    Parameters
+    ----------
+    fit : CalibrationFit
+        A fit from :func:`robopol_clean.calibration.fit_calibration`.
+    path : path-like, optional
+        Where to save a PNG.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    m = fit.measurements
+    names = [str(n) for n in fit.standards["name"]]
+    order = sorted(range(len(m)), key=lambda i: (names.index(str(m["standard"][i])), i))
+    xpos = np.arange(len(order), dtype=float)
+    fig = Figure(figsize=(max(6.0, 0.55 * len(order) + 3.0), 6.0), dpi=100, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for ax, scale, cols, label in (
+            (top, 1e3, ("q_residual", "u_residual"), "measured - model [1e-3]"),
+            (bottom, 1.0, ("z_q", "z_u"), "residual / error")):
+        for k, (col, err, colour, text) in enumerate(
+                ((cols[0], "q_err", "tab:blue", "q"), (cols[1], "u_err", "tab:orange", "u"))):
+            values = np.asarray(m[col], float)[order] * scale
+            errors = np.asarray(m[err], float)[order] * scale if ax is top else None
+            ax.errorbar(xpos + (k - 0.5) * 0.18, values, yerr=errors, fmt="o", ms=4, capsize=2,
+                        color=colour, label=text)
+        ax.axhline(0.0, color="0.4", lw=0.8)
+        ax.set_ylabel(label)
+    bottom.axhspan(-1, 1, color="0.9", zorder=0)  # within 1 sigma
+    start = 0
+    centres = []
+    for name in names:
+        n = int(np.sum(np.asarray(m["standard"]).astype(str) == name))
+        centres.append(start + (n - 1) / 2.0)
+        if start:
+            for ax in (top, bottom):
+                ax.axvline(start - 0.5, color="0.6", lw=0.8, ls=":")
+        start += n
+    kinds = {str(r["name"]): ("polarized" if r["polarized"] else "unpolarized") for r in fit.standards}
+    bottom.set_xticks(centres, [f"{n}\n({kinds[n]})" for n in names], fontsize=8)
+    top.legend(fontsize=8, loc="upper right")
+    parts = []
+    for name in fit.parameters:
+        v, e = fit.value(name)
+        parts.append(f"{name} = {v:.3f} ± {e:.3f} deg" if name == "angle_zero"
+                     else f"{name} = {1e3 * v:.2f} ± {1e3 * e:.2f} e-3")
+    red = fit.chi2 / fit.dof if fit.dof > 0 else float("nan")
+    lines = [parts[i:i + 2] for i in range(0, len(parts), 2)]
+    top.set_title("\n".join("; ".join(line) for line in lines)
+                  + f"\nchi2 = {fit.chi2:.1f} for {fit.dof} dof (reduced {red:.2f}), {len(m)} frames",
+                  fontsize=9)
+    if path is not None:
+        fig.savefig(path, format="png")
+    return fig

@@ -80,3 +80,36 @@ def visit_reduced(visit_sims, morphology):
 
     return [reduce_frame(sim.ccd, classifier=morphology, name=f"visit{k}.fits")
             for k, sim in enumerate(visit_sims)]
+
+
+#: Instrumental effects injected into the simulated standard-star frames.
+INJECTED = {"angle_zero": 3.0, "q_inst": 0.004, "u_inst": -0.003}
+#: A 1024 x 1024 detector region around RoboPol's target position (1026, 1043).
+STANDARD_WINDOW = {"shape": (1024, 1024), "origin": (514, 531)}
+
+
+@pytest.fixture(scope="session")
+def standard_sims(profile):
+    """Three frames of the polarized BD+59 389 and three of the unpolarized HD 212311
+    (1024 x 1024 regions around the target, 150 field stars), made with an angle zero
+    point of 3 deg and an instrumental polarization of (0.004, -0.003). About 1 s.
+
+    Seeds 20-24 and 26: in seed 25's window the PSF, fitted to few stars, leaves the
+    target a poor fit (flagged), which calibrate refuses by default."""
+    from robopol_clean.simulate import simulate_frame
+
+    names = ["BD+59 389"] * 3 + ["HD 212311"] * 3
+    seeds = [20, 21, 22, 23, 24, 26]
+    return [simulate_frame(profile, seed=seed, n_stars=150, standard=name, calibration=INJECTED,
+                           **STANDARD_WINDOW) for seed, name in zip(seeds, names)]
+
+
+@pytest.fixture(scope="session")
+def standard_files(standard_sims, tmp_path_factory):
+    """``standard_sims`` as FITS files std_0.fits ... std_5.fits (read-only use)."""
+    folder = tmp_path_factory.mktemp("standards")
+    paths = []
+    for i, sim in enumerate(standard_sims):
+        paths.append(folder / f"std_{i}.fits")
+        sim.ccd.write(paths[-1])
+    return paths

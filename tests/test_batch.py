@@ -96,3 +96,26 @@ def test_two_frame_reduce_is_quiet(small_fits, tmp_path):
     lines = one.stderr.splitlines()
     assert one.returncode == 0 and len(lines) == 2, one.stderr
     assert lines[0].startswith(str(frames[0])) and lines[1].startswith("1 frame(s): 1 reduced")
+
+
+@pytest.mark.slow
+def test_every_worker_applies_the_same_calibration(standard_files, tmp_path):
+    """A calibration given to a night is read once and reaches every Dask worker."""
+    import hashlib
+
+    from astropy.io import fits
+
+    cal = tmp_path / "cal.toml"
+    cal.write_text('format = "robopol-clean calibration"\nformat_version = 1\ninstrument = "RoboPol"\n'
+                   '[calibration]\nangle_zero = 2.5\nterms = ["1"]\nq_inst = [0.001]\n'
+                   'u_inst = [-0.002]\ncenter = [1024.0, 1024.0]\nscale = 1024.0\n')
+    sha = hashlib.sha256(cal.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    outcomes = reduce_night([str(f) for f in standard_files[:3]], out, classifier="morphology",
+                            calibration=cal, workers=2, progress=False)
+    assert [o.status for o in outcomes] == ["done"] * 3
+    for f in standard_files[:3]:
+        assert fits.getheader(out / f"{f.stem}_clean.fits")["RCLCAL"] == sha
+        meta = Table.read(out / f"{f.stem}_stokes.ecsv").meta
+        assert meta["calibration_file"]["sha256"] == sha and meta["angle_zero"] == 2.5
+        assert meta["q_inst_coeffs"][0] == 0.001 and meta["u_inst_coeffs"][0] == -0.002

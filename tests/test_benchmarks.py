@@ -43,3 +43,31 @@ def test_quick_benchmark_prints_a_table(tmp_path):
     assert 0.95 < morph["auc"] <= 1.0  # ~0.99 on the quick frame; the CNN issue's baseline
     rst = out_rst.read_text()
     assert rst.startswith(":orphan:") and ".. list-table::" in rst and "performance-table-start" in rst
+
+
+@pytest.fixture
+def bench_calibration(monkeypatch):
+    bench = RUNNER.parent
+    if not (bench / "bench_calibration.py").is_file():
+        pytest.skip("benchmarks/ not present (installed package)")
+    monkeypatch.syspath_prepend(str(bench))
+    import bench_calibration
+
+    yield bench_calibration
+    for name in ("bench_calibration", "seeds", "_common"):
+        sys.modules.pop(name, None)
+
+
+def test_calibration_benchmark_quick(bench_calibration):
+    """The calibration target's check on 1024 x 1024 regions (a few seconds), looser:
+    every parameter within 3 sigma, the zero point within 0.75 deg."""
+    result = bench_calibration.run_check(quick=True)
+    params = result["parameters"]
+    assert list(params) == ["angle_zero", "q_inst[1]", "u_inst[1]"]
+    for name, p in params.items():
+        assert abs(p["pull"]) < 3, (name, p)
+    assert abs(params["angle_zero"]["deviation"]) < 0.75
+    assert params["angle_zero"]["error"] < 0.4 and result["dof"] == 9
+    assert result["chi2"] < 30
+    text = bench_calibration.render(result)
+    assert "angle_zero" in text and "target (zero point within its error" in text

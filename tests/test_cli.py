@@ -206,3 +206,60 @@ def test_reduce_combine_night(visit_sims, tmp_path):
     visit = Table.read(out / "n0_visit.ecsv")
     assert visit.meta["match"] == "sky" and len(visit) == visits["n_stars"][0]
     assert (out / "summary.ecsv").exists() and (out / "n3_stokes.ecsv").exists()
+
+
+def test_calibrate_then_reduce_with_the_calibration(standard_files, tmp_path, capsys):
+    import hashlib
+
+    out = tmp_path / "cal" / "night.toml"
+    assert main(["calibrate", *map(str, standard_files), "-o", str(out), "--classifier",
+                 "morphology", "-q"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "calibration from 6 frame(s) of 2 standard(s)" in printed and "angle_zero" in printed
+    assert sorted(p.name for p in out.parent.iterdir()) == ["night.toml", "night_residuals.png"]
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    # reduce applies it and records it
+    red = tmp_path / "red"
+    assert _reduce(standard_files[0], "-o", red, "--calibration", out) == EXIT_OK
+    with fits.open(red / "std_0_clean.fits") as hdul:
+        assert hdul[0].header["RCLCAL"] == sha and hdul[0].header["RCLCALF"] == str(out)
+    stokes = Table.read(red / "std_0_stokes.ecsv")
+    assert stokes.meta["calibration_file"]["sha256"] == sha
+    assert stokes.meta["angle_zero"] == pytest.approx(stokes.meta["calibration_file"]["angle_zero"])
+    # an existing calibration is not replaced without --overwrite (checked before any work)
+    assert main(["calibrate", str(standard_files[0]), "-o", str(out), "-q"]) == EXIT_USAGE
+    assert "night.toml: output exists" in capsys.readouterr().err
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == sha
+
+
+@pytest.mark.parametrize(("which", "extra", "message"), [
+    ("unpolarized", [], "no polarized standard among the frames (only HD 212311)"),
+    ("field", [], "small.fits: OBJECT 'SIMULATED' is not a known standard"),
+    ("all", ["--order", "1"], "needs standards at 3 or more positions"),
+    ("all", ["--allow-flags", "poor_fitt"], "--allow-flags: unknown flag 'poor_fitt'"),
+    ("all", ["--fix-angle", "--fix-instrumental"], "nothing to fit"),
+])
+def test_calibrate_refusals_write_nothing(standard_files, small_fits, tmp_path, capsys, which,
+                                          extra, message):
+    frames = {"unpolarized": standard_files[3:], "field": [standard_files[0], small_fits],
+              "all": standard_files}[which]
+    out = tmp_path / "out" / "cal.toml"
+    rc = main(["calibrate", *map(str, frames), "-o", str(out), "--classifier", "morphology", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == EXIT_USAGE
+    assert any(message in line for line in err), err
+    assert not any(line.startswith("Traceback") for line in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reduce_with_a_wrong_calibration_writes_nothing(small_fits, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('format = "robopol-clean calibration"\nformat_version = 1\ninstrument = "RoboPol"\n'
+                   '[calibration]\nangle_zero = inf\n')
+    out = tmp_path / "out"
+    assert _reduce(small_fits, "-o", out, "--calibration", bad) == EXIT_USAGE
+    assert "bad.toml: [calibration.angle_zero] must be finite, got inf" in capsys.readouterr().err
+    assert not out.exists()
+    assert _reduce(small_fits, "-o", out, "--calibration", tmp_path / "none.toml") == EXIT_USAGE
+    assert "none.toml: cannot read calibration" in capsys.readouterr().err
+    assert not out.exists()

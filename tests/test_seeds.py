@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not (BENCH / "seeds.py").is_file(),
 
 #: Modules whose code must hold no literal frame seed (they import them from the registry).
 NO_LITERAL_SEEDS = ("labelled", "bench_baselines", "bench_cnn_cost", "bench_stokes",
-                    "bench_maximask", "bench_crowding", "bench_psf", "tune_cues", "bench_combine")
+                    "bench_maximask", "bench_crowding", "bench_psf", "tune_cues", "bench_combine",
+                    "bench_calibration")
 
 
 @pytest.fixture(scope="module")

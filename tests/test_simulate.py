@@ -267,3 +267,88 @@ def test_truth_files_never_collide_with_reduce_products(tmp_path):
         for suffix in PRODUCT_SUFFIXES.values():
             if path.name.endswith(suffix):
                 assert not (tmp_path / f"{path.name.removesuffix(suffix)}.fits").exists()
+
+
+def _fluxes_qu(sim, prof):
+    """q and u of every star from its spot fluxes (what the frame carries)."""
+    (c0, c90), (c45, c135) = prof.q_channels, prof.u_channels
+    sp = sim.spots[sim.spots["star_id"] >= 0]
+    f = {ch: np.asarray(sp["flux"][sp["channel"] == ch]) for ch in prof.channels}
+    return (f[c0] - f[c90]) / (f[c0] + f[c90]), (f[c45] - f[c135]) / (f[c45] + f[c135])
+
+
+def test_injected_instrumental_effects(robopol):
+    """An angle zero point and an instrumental map go in as the inverse of the correction."""
+    injected = {"angle_zero": 3.0, "q_inst": [0.004, 0.001], "u_inst": -0.003}
+    sim = simulate_frame(seed=4, shape=(256, 256), origin=(900, 900), n_stars=25,
+                         n_artifact_sources=0, calibration=injected)
+    prof = robopol.replace(angle_zero=3.0, q_inst=np.array([0.004, 0.001]), u_inst=np.array([-0.003]))
+    q, u = _fluxes_qu(sim, prof)
+    assert np.allclose(q, sim.stars["q_obs"]) and np.allclose(u, sim.stars["u_obs"])
+    # reducing with the same values (the Stokes convention) gives the sky's q and u back
+    xd, yd = np.asarray(sim.stars["x"]) + 900, np.asarray(sim.stars["y"]) + 900
+    qi, ui = prof.instrumental_qu(xd, yd)
+    assert np.ptp(qi) > 1e-4  # the x term varies over the frame
+    d = math.radians(6.0)
+    qc = (q - qi) * math.cos(d) - (u - ui) * math.sin(d)
+    uc = (q - qi) * math.sin(d) + (u - ui) * math.cos(d)
+    assert np.allclose(qc, sim.stars["q"], atol=1e-12) and np.allclose(uc, sim.stars["u"], atol=1e-12)
+    # recorded in the tables and the header
+    for table in (sim.stars, sim.spots, sim.artifacts):
+        rec = table.meta["instrumental"]
+        assert rec["angle_zero"] == 3.0 and rec["q_inst"] == [0.004, 0.001]
+        assert rec["u_inst"] == [-0.003] and rec["terms"][:2] == ["1", "x"]
+    h = sim.ccd.header
+    assert (h["SIMAZERO"], h["SIMQINST"], h["SIMUINST"]) == (3.0, 0.004, -0.003)
+
+
+def test_defaults_unchanged_by_the_new_inputs():
+    """Without injected effects (or with an identity) a frame is what it always was."""
+    kw = dict(seed=7, shape=(256, 256), n_stars=20)
+    plain = simulate_frame(**kw)
+    same = simulate_frame(**kw, calibration={"angle_zero": 0.0, "q_inst": 0.0})
+    assert np.array_equal(plain.ccd.data, same.ccd.data)
+    assert "instrumental" not in plain.stars.meta and "SIMAZERO" not in plain.ccd.header
+    assert plain.ccd.header["OBJECT"] == "SIMULATED"
+    assert np.array_equal(plain.stars["q_obs"], plain.stars["q"])
+
+
+def test_standard_star_frame(robopol):
+    sim = simulate_frame(seed=5, shape=(512, 512), origin=(770, 787), n_stars=10,
+                         standard="hilt960", calibration={"angle_zero": -2.0})
+    target = sim.stars[sim.stars["is_target"]]
+    assert len(target) == 1 and sim.ccd.header["OBJECT"] == "Hiltner 960"
+    assert (target["q"][0], target["u"][0], target["mag"][0]) == (-0.01703, 0.04924, 11.0)
+    assert target["x"][0] + 770 == pytest.approx(robopol.target[0])
+    # the rotation by -angle_zero: theta_obs = theta - (-2 deg)
+    theta = 0.5 * math.degrees(math.atan2(target["u_obs"][0], target["q_obs"][0])) % 180
+    assert theta == pytest.approx(54.54 + 2.0, abs=0.02)
+    bright = simulate_frame(seed=5, shape=(512, 512), origin=(770, 787), n_stars=10,
+                            standard="HD 212311", target={"mag": 12.5})
+    assert bright.stars["mag"][bright.stars["is_target"]][0] == 12.5
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"standard": "M31"}, "unknown standard 'M31' \\(known: BD\\+59 389"),
+    ({"standard": "HD 212311", "target": {"q": 0.1}}, "give standard or target q/u, not both"),
+    ({"calibration": {"zero": 1.0}}, "unknown key\\(s\\) zero"),
+    ({"calibration": {"q_inst": [0.0] * 7}}, "q_inst must be 1 to 6 finite coefficients"),
+    ({"calibration": {"angle_zero": float("nan")}}, "angle_zero must be finite"),
+])
+def test_bad_simulation_inputs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        simulate_frame(seed=1, shape=(256, 256), n_stars=3, **kwargs)
+
+
+def test_simulate_cli_standard_with_effects(tmp_path, capsys):
+    out = tmp_path / "std"
+    assert main(["simulate", "-o", str(out), "--size", "256", "--n-stars", "5", "--standard",
+                 "BD+59 389", "--angle-zero", "2.5", "--q-inst", "0.001", "--u-inst", "-0.002",
+                 "--target-mag", "11.5"]) == 0
+    h = fits.getheader(out / "sim_0000.fits")
+    assert (h["OBJECT"], h["SIMAZERO"], h["SIMQINST"], h["SIMUINST"]) == ("BD+59 389", 2.5, 0.001, -0.002)
+    assert Table.read(out / "sim_0000_truth_stars.ecsv").meta["instrumental"]["angle_zero"] == 2.5
+    capsys.readouterr()
+    assert main(["simulate", "-o", str(tmp_path / "x"), "--size", "256", "--standard", "Vega"]) == 2
+    assert "unknown standard 'Vega'" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "sim_0000.fits").exists()

@@ -29,7 +29,9 @@ so that ``q = (F0 - F90) / (F0 + F90)`` and ``u = (F45 - F135) / (F45 + F135)`` 
 for every star, wherever it sits (with ``I_q = I_u = I / 2`` this is ``I/4 (1 +/- q)``).
 The q and u put into the spot fluxes are the star's true (q, u) rotated by
 ``-profile.angle_zero`` and offset by ``profile.instrumental_qu`` -- the inverse of the
-calibration documented in the profile -- and are listed as ``q_obs``, ``u_obs``.
+calibration documented in the profile, or of the values given as ``calibration=`` -- and
+are listed as ``q_obs``, ``u_obs``. ``standard=NAME`` makes the target a polarization
+standard of the shipped catalogue (:mod:`robopol_clean.standards`).
 
 Coordinates in the truth tables are 0-based pixels of the simulated image (FITS
 orientation). A frame smaller than the detector is the detector region starting at

@@ -21,6 +21,7 @@ from ..instrument import InstrumentProfile, load_profile
 from ._cosmic_rays import cosmic_rays
 from ._detector import read_out
 from ._donuts import add_donuts
+from ._instrumental import calibration_record, inject_calibration, is_identity, standard_target
 from ._reflections import add_reflections
 from ._sky import draw_sky, sky_image
 from ._stars import add_stars, draw_geometry, draw_psf, draw_star_count, max_spot_offset
@@ -92,6 +93,8 @@ def simulate_frame(
     zero_point: float = ZERO_POINT,
     pair_ratio_slope: float = 0.85,
     max_polarization: float = 0.04,
+    calibration: Mapping[str, Any] | os.PathLike | str | None = None,
+    standard: str | None = None,
 ) -> SimulatedFrame:
     """Simulate one frame with truth tables.
 
@@ -181,12 +184,29 @@ def simulate_frame(
         The u-pair / q-pair light ratio is ``exp(pair_ratio_slope * xn)``.
     max_polarization : float
         Largest fractional polarization of field stars.
+    calibration : dict, Calibration or path, optional
+        The instrumental effects the frame is made with, in place of the profile's
+        ``[calibration]`` values: a dict with ``angle_zero`` (deg), ``q_inst`` and
+        ``u_inst`` (a number for the constant term, or coefficients in the profile's
+        term order), or a calibration file (:mod:`robopol_clean.calibration`). The
+        fluxes carry every star's (q, u) rotated by ``-angle_zero`` plus the
+        instrumental (q, u) at its position, so reducing with the same calibration
+        recovers the true values. Recorded in the tables' metadata
+        (``instrumental``) and the header (``SIMAZERO``, ``SIMQINST``, ``SIMUINST``:
+        angle and constant terms) whenever it is not the identity.
+    standard : str, optional
+        Make the target this polarization standard (a name of the shipped catalogue,
+        :mod:`robopol_clean.standards`): its R-band q and u, magnitude ``target["mag"]``
+        (11 by default), and ``OBJECT`` set to its name.
 
     Returns
     -------
     SimulatedFrame
     """
     prof = load_profile(profile)
+    if calibration is not None:
+        prof = inject_calibration(prof, calibration)
+    target, standard_name = standard_target(prof, target, standard)
     rng = np.random.default_rng(seed)
     ny, nx = shape = tuple(int(n) for n in (shape if shape is not None else prof.shape))
     if ny < 16 or nx < 16:
@@ -230,8 +250,11 @@ def simulate_frame(
     star_truth = star_table(stars, prof.channels, zero_point)
     artifacts = artifact_table(rows, sky_e, prof.saturation * prof.gain)
     spots = spot_table(stars, artifacts, prof.channels, shape)
+    instrumental = None if is_identity(prof) else calibration_record(prof)
     for table in (star_truth, spots, artifacts):
         table.meta.update(table_meta(seed, prof, zero_point))
+        if instrumental is not None:
+            table.meta["instrumental"] = instrumental
     header = frame_header(prof, seed=seed, exptime=exptime, origin=origin, psf=psf,
                           sky_level=sky_drawn.level, zero_point=zero_point,
                           n_stars=len(stars.x), n_artifacts=len(artifacts), shifts=shifts,
@@ -246,6 +269,13 @@ def simulate_frame(
     if sky_center is not None:
         wcs = simulated_wcs(prof, sky_center, origin=origin, dither=dither)
         header.update(wcs.to_header())
+    if standard_name is not None:
+        header["OBJECT"] = (standard_name, "polarization standard (simulated)")
+    if instrumental is not None:
+        header["SIMAZERO"] = (float(prof.angle_zero), "[deg] injected angle zero point")
+        header["SIMQINST"] = (float(np.ravel(prof.q_inst)[0]), "injected q_inst, constant term")
+        header["SIMUINST"] = (float(np.ravel(prof.u_inst)[0]), "injected u_inst, constant term")
+        params["instrumental"] = instrumental
     return SimulatedFrame(ccd=CCDData(data, unit="adu", meta=header, wcs=wcs), stars=star_truth,
                           spots=spots, artifacts=artifacts,
                           sky=(sky_e / prof.gain).astype(np.float32), params=params)

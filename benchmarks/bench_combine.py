@@ -22,7 +22,14 @@ are combined by :func:`robopol_clean.combine.combine_stokes`:
 - ``sky, inflated``: ``inflate_errors=True`` (errors times sqrt(chi2/dof) where > 1), for
   comparison only: the target is judged on the default, whose errors come from the
   per-measurement noise model alone;
-- ``single exposures``: the per-frame ``flags == 0`` rows of the same frames, for reference.
+- ``single exposures``: the per-frame ``flags == 0`` rows of the same frames, for reference;
+- ``sky, calibrated``: the whole loop of issue 14. The same exposures are simulated again
+  with the calibration benchmark's instrumental effects (:data:`bench_calibration.INJECTED`:
+  an angle zero point of 3 deg and (q, u)_inst = (0.004, -0.003)), reduced with the
+  calibration *fitted* from that benchmark's six standard-star frames
+  (``SEEDS["calibration"]``, full frames, the same classifier) and combined by sky
+  position; the pulls are against the stars' true sky q and u, so they carry the
+  calibration's own errors too.
 
 Truth: the first exposure's star table (its ``x``, ``y`` are in the reference frame's
 pixels, which are the visit table's). A combined row is matched to the nearest true
@@ -60,6 +67,7 @@ from _common import (  # noqa: E402
     machine_description,
     machine_line,
 )
+from bench_calibration import INJECTED  # noqa: E402
 from seeds import SEEDS  # noqa: E402
 
 #: Exposures per field, stars per field.
@@ -128,6 +136,24 @@ def _meets(b: dict) -> bool:
                and abs(b[c]["mean"]) <= TARGET_MEAN for c in ("q", "u"))
 
 
+def fitted_calibration(clf, quick: bool):
+    """The calibration fitted on the calibration benchmark's standard frames, and a summary."""
+    import tempfile
+
+    from bench_calibration import simulate as simulate_standards
+
+    from robopol_clean.calibration import fit_calibration, load_calibration
+
+    fit = fit_calibration([s.ccd for s in simulate_standards(quick)], classifier=clf)
+    with tempfile.TemporaryDirectory() as tmp:
+        calibration = load_calibration(fit.write(Path(tmp) / "calibration.toml"))
+    info = {name: {"value": float(v), "error": float(e)}
+            for name, v, e in zip(fit.parameters, fit.values, fit.errors)}
+    log("calibration fitted: " + ", ".join(f"{k} {v['value']:.5g} +/- {v['error']:.2g}"
+                                           for k, v in info.items()))
+    return calibration, info
+
+
 def run(quick: bool) -> dict:
     from robopol_clean.combine import CombineConfig, combine_stokes
     from robopol_clean.pipeline import reduce_frame
@@ -138,7 +164,9 @@ def run(quick: bool) -> dict:
         log(why)
     variants = {"sky": CombineConfig(), "pixel": CombineConfig(match="pixel"),
                 "sky, inflated": CombineConfig(inflate_errors=True)}
-    pulls: dict[str, list[dict]] = {k: [] for k in (*variants, "single exposures")}
+    pulls: dict[str, list[dict]] = {k: [] for k in (*variants, "single exposures",
+                                                    "sky, calibrated")}
+    calibration, calibration_info = fitted_calibration(clf, quick)
     fields = []
     for f, (field_seed, frames) in enumerate(plan(quick)):
         stokes, truth, seconds = [], None, []
@@ -157,6 +185,16 @@ def run(quick: bool) -> dict:
             pulls["single exposures"].append(truth_pulls(result.stokes, sim.stars))
         info = {"field_seed": field_seed, "frame_seeds": [s for s, _ in frames],
                 "reduce_seconds": seconds}
+        calibrated = []
+        for frame_seed, dither in frames:  # the same exposures through the instrument's effects
+            sim = simulate_frame("robopol", seed=frame_seed, field_seed=field_seed, n_stars=N_STARS,
+                                 dither=dither, sky_center=SKY_CENTERS[f], target=False,
+                                 calibration=INJECTED)
+            calibrated.append(reduce_frame(sim.ccd, classifier=clf, calibration=calibration,
+                                           name=f"field{f}_seed{frame_seed}_cal").stokes)
+        visit = combine_stokes(calibrated, [f"exp{e}" for e in range(len(calibrated))])
+        pulls["sky, calibrated"].append(truth_pulls(visit.table, truth))
+        info["sky, calibrated"] = {"match": visit.match, "n_stars": len(visit.table)}
         for name, cfg in variants.items():
             visit = combine_stokes(stokes, [f"exp{e}" for e in range(len(stokes))], config=cfg)
             p = truth_pulls(visit.table, truth)
@@ -167,7 +205,8 @@ def run(quick: bool) -> dict:
                           "disagree": int(np.count_nonzero(np.asarray(t["flags"]) & 4096)),
                           "median_chi2_dof": float(np.nanmedian(t["chi2_dof"]))}
         fields.append(info)
-    results = {"classifier": clf_name, "fields": fields, "variants": {}}
+    results = {"classifier": clf_name, "fields": fields, "calibration": calibration_info,
+               "variants": {}}
     for name, parts in pulls.items():
         entry = {"all": _block(parts)}
         if name != "single exposures":

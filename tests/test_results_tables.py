@@ -37,7 +37,8 @@ def test_a_changed_result_is_noticed(tables, tmp_path, monkeypatch):
         if sec["key"] == "baselines":
             sec["data"]["methods"]["CNN + partner cues (pipeline default)"]["auc"] = 0.5
     (tmp_path / "latest.json").write_text(json.dumps(latest))
-    for name in ("night.json", "demo.json", "real_frame.json", "combine.json"):
+    for name in ("night.json", "demo.json", "real_frame.json", "combine.json",
+                 "calibration.json"):
         if (tables.RESULTS / name).is_file():
             (tmp_path / name).write_text((tables.RESULTS / name).read_text())
     monkeypatch.setattr(tables, "RESULTS", tmp_path)

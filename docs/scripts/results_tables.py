@@ -13,6 +13,7 @@ command of its own,
 ``benchmarks/results/demo.json``       ``python docs/scripts/results_tables.py --demo``
 ``benchmarks/results/real_frame.json`` ``python docs/scripts/real_frame.py`` (needs ``../shared``)
 ``benchmarks/results/combine.json``    ``python benchmarks/bench_combine.py``
+``benchmarks/results/calibration.json`` ``python benchmarks/bench_calibration.py --coverage 50 --json ...``
 ``robopol_clean/data/robopol_cnn.json`` the shipped model's metadata (its training run)
 =====================================  ==================================================
 
@@ -54,7 +55,8 @@ def _pct(x: float, digits: int = 1) -> str:
 
 # -- README -------------------------------------------------------------------------------
 def readme_rows(latest: dict, night: dict | None, demo: dict | None,
-                real: dict | None, combine: dict | None = None) -> list[str]:
+                real: dict | None, combine: dict | None = None,
+                calibration: dict | None = None) -> list[str]:
     """The rows of the README's "What it measures" table."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -115,6 +117,26 @@ def readme_rows(latest: dict, night: dict | None, demo: dict | None,
                      f"{cold['wall_median_s']:.2f} s, {cold['peak_rss_mib']:.0f} MiB peak")
         rows.append(f"| one {st['shape'][0]} x {st['shape'][1]} frame, {st['n_stars']} stars "
                     f"| {text} | `python benchmarks/run.py` (section `stages`) |")
+    if calibration:
+        c, inj = calibration["parameters"], calibration["injected"]
+        names = {"BD+59 389": 0, "HD 212311": 0}
+        for name in calibration["plan"]:
+            names[name] = names.get(name, 0) + 1
+        plan = " and ".join(f"{n} of {name}" for name, n in names.items() if n)
+        a, q, u = c["angle_zero"], c["q_inst[1]"], c["u_inst[1]"]
+        text = (f"zero point {a['value']:.2f} +/- {a['error']:.2f} deg; q_inst "
+                f"{q['value']:.5f} +/- {q['error']:.5f} ({q['pull']:+.1f} sigma), u_inst "
+                f"{u['value']:.5f} +/- {u['error']:.5f} ({u['pull']:+.1f} sigma)")
+        cov = calibration.get("coverage")
+        if cov:
+            spread = [cov["parameters"][k]["pull_std"] for k in ("angle_zero", "q_inst[1]",
+                                                                 "u_inst[1]")]
+            text += (f"; over {cov['n_sets']} repeated sets the deviation/error spreads "
+                     f"{min(spread):.2f}-{max(spread):.2f}")
+        rows.append(
+            f"| calibration from {plan} frames, made with a {inj['angle_zero']:g} deg zero point "
+            f"and (q, u)_inst = ({inj['q_inst']:g}, {inj['u_inst']:g}) | {text} "
+            f"| `{calibration['command']}` |")
     if combine:
         r = combine["results"]
         sky, single = r["variants"]["sky"]["all"], r["variants"]["single exposures"]["all"]
@@ -303,7 +325,8 @@ def expected() -> dict[Path, str]:
     meta = _load(MODEL_META)
     out = {README: replace_between(README.read_text(), readme_table(readme_rows(
         latest, _load(RESULTS / "night.json"), _load(RESULTS / "demo.json"),
-        _load(RESULTS / "real_frame.json"), _load(RESULTS / "combine.json"))))}
+        _load(RESULTS / "real_frame.json"), _load(RESULTS / "combine.json"),
+        _load(RESULTS / "calibration.json"))))}
     if meta is not None:
         out[GENERATED / "model_card_training.rst"] = model_card_training(meta)
         out[GENERATED / "model_card_network.rst"] = model_card_network(meta)

@@ -43,8 +43,10 @@ The calibration file
 TOML, written by :meth:`CalibrationFit.write` (``robopol-clean calibrate``); read by
 :func:`load_calibration` and applied by ``reduce_frame(..., calibration=...)`` and
 ``robopol-clean reduce --calibration FILE``: its ``[calibration]`` table replaces the
-profile's ``[calibration]`` values (the profile itself is unchanged). See
-:doc:`/calibration` for the format.
+profile's ``[calibration]`` values (the profile itself is unchanged), and the covariance
+of the fitted parameters (``[fit] parameters`` and ``covariance``) is propagated into the
+calibrated Stokes errors (:meth:`Calibration.covariance_at`). See :doc:`/calibration` for
+the format.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ import numpy as np
 from astropy.table import Table
 
 from .config import _Settings
-from .instrument import InstrumentProfile, load_profile
+from .instrument import InstrumentProfile, SpotGeometry, load_profile, polynomial_terms
 
 __all__ = ["CALIBRATION_FORMAT", "CALIBRATION_VERSION", "CalibrationError", "Calibration",
            "CalibrationSettings", "CalibrationFit", "load_calibration", "as_calibration",
@@ -76,6 +78,9 @@ __all__ = ["CALIBRATION_FORMAT", "CALIBRATION_VERSION", "CalibrationError", "Cal
 CALIBRATION_FORMAT = "robopol-clean calibration"
 #: The newest ``format_version`` this code reads and the one it writes.
 CALIBRATION_VERSION = 1
+
+#: A fitted coefficient's name in ``[fit] parameters``: ``q_inst[<term>]`` or ``u_inst[<term>]``.
+_PARAMETER = re.compile(r"^(q_inst|u_inst)\[([^\]]+)\]$")
 
 
 class CalibrationError(ValueError):
@@ -120,6 +125,14 @@ class Calibration:
     sha256 : str
         SHA-256 of the file's bytes (of the text :meth:`CalibrationFit.write` would
         write, for an unsaved fit).
+    parameters : tuple of str
+        Names of the fitted parameters (``[fit] parameters``): ``angle_zero`` (deg),
+        ``q_inst[<term>]``, ``u_inst[<term>]``. Empty when the calibration carries no
+        covariance (a file without one); what is not named here is taken as exact.
+    covariance : tuple of tuple of float
+        Their covariance matrix (``[fit] covariance``; deg^2 for the angle zero point,
+        deg for its products with a coefficient, dimensionless for the coefficients),
+        propagated into the calibrated Stokes errors (:meth:`covariance_at`).
     """
 
     instrument: str
@@ -131,6 +144,67 @@ class Calibration:
     scale: float
     source: str = "<unsaved>"
     sha256: str = ""
+    parameters: tuple[str, ...] = ()
+    covariance: tuple[tuple[float, ...], ...] = ()
+
+    @property
+    def has_covariance(self) -> bool:
+        """Whether the calibration carries the covariance of fitted parameters."""
+        return len(self.parameters) > 0
+
+    def covariance_at(self, x, y, geometry: SpotGeometry | None = None) -> np.ndarray:
+        """Covariance of the calibration's corrections at source positions.
+
+        The fitted parameters' covariance carried through the polynomial basis: for each
+        source, the 3 x 3 covariance of the angle zero point (deg), of
+        :math:`q_\\mathrm{inst}(x, y)` and of :math:`u_\\mathrm{inst}(x, y)`, the three
+        corrections :func:`~robopol_clean.stokes.stokes_from_fluxes` applies (its
+        ``calibration_covariance``). Parameters the fit did not vary contribute nothing.
+
+        Parameters
+        ----------
+        x, y : array-like
+            Source positions (pix, 0-based): detector pixels, or those of a region
+            when ``geometry`` is the region's (``InstrumentProfile.for_region``).
+        geometry : SpotGeometry, optional
+            Its ``center`` and ``scale`` normalise the positions (the calibration's own
+            ``center`` and ``scale``, detector pixels, when omitted).
+
+        Returns
+        -------
+        ndarray
+            Shape ``broadcast(x, y).shape + (3, 3)``, in the order (angle_zero, q_inst,
+            u_inst); zeros when the calibration has no covariance.
+
+        Examples
+        --------
+        An instrumental q known to 3e-4 at the centre and to 2e-4 per unit of the
+        normalised x (independently) is known to 3.6e-4 half a scale away:
+
+        >>> cal = Calibration("RoboPol", 0.0, (0.0, 0.0), (0.0, 0.0), ("1", "x"),
+        ...                   (1024.0, 1024.0), 1024.0, parameters=("q_inst[1]", "q_inst[x]"),
+        ...                   covariance=((9e-8, 0.0), (0.0, 4e-8)))
+        >>> cov = cal.covariance_at([1024.0, 1536.0], [1024.0, 1024.0])
+        >>> np.sqrt(cov[:, 1, 1]).round(6).tolist()
+        [0.0003, 0.000316]
+        """
+        xa, ya = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
+        out = np.zeros(xa.shape + (3, 3))
+        if not self.has_covariance:
+            return out
+        center = self.center if geometry is None else geometry.center
+        scale = self.scale if geometry is None else geometry.scale
+        basis = polynomial_terms((xa - center[0]) / scale, (ya - center[1]) / scale, self.terms)
+        # d(angle_zero, q_inst(x, y), u_inst(x, y)) / d(parameters) at every source
+        lin = np.zeros(xa.shape + (3, len(self.parameters)))
+        for j, name in enumerate(self.parameters):
+            if name == "angle_zero":
+                lin[..., 0, j] = 1.0
+            else:
+                which, term = _PARAMETER.match(name).groups()
+                lin[..., 1 if which == "q_inst" else 2, j] = basis[self.terms.index(term)]
+        cov = np.asarray(self.covariance, float)
+        return np.einsum("...ia,ab,...jb->...ij", lin, cov, lin)
 
     def apply(self, profile: str | os.PathLike | InstrumentProfile = "robopol") -> InstrumentProfile:
         """The profile with this calibration in place of its ``[calibration]`` values.
@@ -175,9 +249,13 @@ class Calibration:
 
     def describe(self) -> dict:
         """What a reduction records about the calibration it applied (JSON-friendly)."""
-        return {"file": self.source, "sha256": self.sha256, "angle_zero": float(self.angle_zero),
-                "terms": list(self.terms), "q_inst": [float(c) for c in self.q_inst],
-                "u_inst": [float(c) for c in self.u_inst]}
+        out = {"file": self.source, "sha256": self.sha256, "angle_zero": float(self.angle_zero),
+               "terms": list(self.terms), "q_inst": [float(c) for c in self.q_inst],
+               "u_inst": [float(c) for c in self.u_inst]}
+        if self.has_covariance:
+            out["parameters"] = list(self.parameters)
+            out["covariance"] = [[float(v) for v in row] for row in self.covariance]
+        return out
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
@@ -191,14 +269,17 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
     Returns
     -------
     Calibration
-        With ``source`` the path and ``sha256`` the hash of the file's bytes.
+        With ``source`` the path, ``sha256`` the hash of the file's bytes, and the
+        ``parameters`` and ``covariance`` of ``[fit]`` (symmetrised).
 
     Raises
     ------
     CalibrationError
         The file cannot be read, is not TOML, is not a calibration file, is of a newer
-        format version, or lacks a key or has a non-finite value; the message names the
-        file and the key.
+        format version, or lacks a key or has a non-finite value, or its ``[fit]``
+        covariance is not a symmetric, finite, positive semi-definite matrix of one row
+        per named parameter; the message names the file and the key. A file without
+        ``[fit] parameters`` and ``covariance`` is read with no covariance.
     """
     path = Path(path)
     try:
@@ -266,9 +347,54 @@ def _parse_calibration(raw: bytes, source: str) -> Calibration:
     scale = number("scale")
     if scale <= 0:
         fail("calibration.scale", f"must be positive, got {scale}")
+    parameters, covariance = _parse_covariance(data.get("fit"), tuple(terms), fail)
     return Calibration(instrument=instrument, angle_zero=angle_zero, q_inst=q_inst, u_inst=u_inst,
                        terms=tuple(terms), center=(center[0], center[1]), scale=scale,
-                       source=source, sha256=hashlib.sha256(raw).hexdigest())
+                       source=source, sha256=hashlib.sha256(raw).hexdigest(),
+                       parameters=parameters, covariance=covariance)
+
+
+def _parse_covariance(fit: Any, terms: tuple[str, ...], fail) -> tuple[tuple, tuple]:
+    """``[fit] parameters`` and ``covariance``, checked; ``((), ())`` when the file has none."""
+    if fit is None:
+        return (), ()
+    if not isinstance(fit, dict):
+        fail("fit", "must be a table")
+    names, cov = fit.get("parameters"), fit.get("covariance")
+    if names is None and cov is None:
+        return (), ()
+    if names is None or cov is None:
+        fail("fit", "has " + ("covariance without parameters" if names is None
+                              else "parameters without covariance") + ": give both or neither")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+            or len(set(names)) != len(names):
+        fail("fit.parameters", f"must be a list of distinct names, got {names!r}")
+    for name in names:
+        match = _PARAMETER.match(name)
+        if name != "angle_zero" and not (match and match.group(2) in terms):
+            fail("fit.parameters", f"{name!r} is not angle_zero, q_inst[<term>] or u_inst[<term>] "
+                                   f"with a term of [calibration.terms]")
+    n = len(names)
+    if (not isinstance(cov, list) or len(cov) != n
+            or not all(isinstance(r, list) and len(r) == n for r in cov)):
+        fail("fit.covariance", f"must be a {n} x {n} matrix (one row and column per parameter)")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in cov for v in r):
+        fail("fit.covariance", "must hold numbers only")
+    matrix = np.array(cov, float).reshape(n, n)
+    if not np.all(np.isfinite(matrix)):
+        fail("fit.covariance", "holds a non-finite value")
+    scale = np.sqrt(np.abs(np.outer(np.diag(matrix), np.diag(matrix))))
+    if not np.all(np.abs(matrix - matrix.T) <= 1e-8 * scale):
+        fail("fit.covariance", "is not symmetric")
+    matrix = 0.5 * (matrix + matrix.T)
+    if np.any(np.diag(matrix) < 0):
+        fail("fit.covariance", "has a negative variance on its diagonal")
+    # positive semi-definite, judged on the correlation matrix (the units differ)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = np.where(scale > 0, matrix / scale, np.where(matrix == 0, 0.0, np.inf))
+    if n and not (np.all(np.isfinite(corr)) and np.linalg.eigvalsh(corr).min() >= -1e-8):
+        fail("fit.covariance", "is not positive semi-definite")
+    return tuple(names), tuple(tuple(float(v) for v in r) for r in matrix)
 
 
 def as_calibration(calibration: Calibration | str | os.PathLike | None) -> Calibration | None:
@@ -663,7 +789,8 @@ class CalibrationFit:
                 "# `robopol-clean reduce --calibration FILE` and reduce_frame(..., calibration=FILE)\n"
                 "# apply the [calibration] table in place of the instrument profile's\n"
                 "# [calibration] values: q, u -= (q_inst, u_inst)(x, y), then rotated by angle_zero\n"
-                "# (deg). [fit], [[standards]] and [[frames]] record how it was obtained.\n")
+                "# (deg); the [fit] covariance of the parameters goes into the Stokes errors.\n"
+                "# [fit], [[standards]] and [[frames]] record how it was obtained.\n")
         return head + _toml_dumps(doc)
 
     def write(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -966,7 +1093,9 @@ def fit_measurements(measurements: Table,
                               q_inst=tuple(float(c) for c in q_coef),
                               u_inst=tuple(float(c) for c in u_coef), terms=tuple(geo.terms),
                               center=(float(geo.center[0]), float(geo.center[1])),
-                              scale=float(geo.scale))
+                              scale=float(geo.scale), parameters=tuple(cal_names),
+                              covariance=tuple(tuple(float(v) for v in r)
+                                               for r in 0.5 * (cov + cov.T)))
 
     out = m.copy(copy_data=True)
     qm, um = model.predict(p)

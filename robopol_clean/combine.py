@@ -47,6 +47,14 @@ probability below ``significance``, 0.001 by default) is flagged
 per-measurement noise model alone; ``inflate_errors`` multiplies them by
 ``sqrt(chi2 / dof)`` where that exceeds 1 (the Birge ratio; noisy with few exposures).
 
+Tables reduced with a calibration that carries its covariance split their errors into a
+statistical part (``q_err_stat``) and the calibration's (``q_err_cal``; u alike). The
+exposures of a visit share that calibration, so its error is common to them and does not
+average down: the means, their weights and the chi-square use the statistical parts, and
+the calibration's error of the mean, the exposures' ``q_err_cal`` averaged with the
+weights of the mean, is added once in quadrature (``q_err``); the visit table keeps the
+parts.
+
 >>> import numpy as np
 >>> mean, err, chi2, n = weighted_mean([[0.010, 0.014, np.nan]], [[0.002, 0.002, 0.001]])
 >>> round(float(mean[0]), 4), round(float(err[0]), 5), round(float(chi2[0]), 2), int(n[0])
@@ -86,6 +94,10 @@ VISIT_SUFFIX = "_visit.ecsv"
 
 #: Columns every input table must have.
 _REQUIRED = ("x", "y", "q", "q_err", "u", "u_err", "flags")
+
+#: The parts of q_err and u_err in a table reduced with a calibration's covariance
+#: (:mod:`robopol_clean.stokes`); ``qu_corr_cal`` is optional (0 when absent).
+_CALIBRATION_ERRORS = ("q_err_stat", "u_err_stat", "q_err_cal", "u_err_cal")
 
 #: Metadata that must agree between the exposures of a visit, and what they mean.
 _MUST_AGREE = {
@@ -299,6 +311,17 @@ def _check_compatible(tables: list[Table], names: list[str]) -> None:
                 raise CombineError(f"{name}: {what} differs from {names[0]}'s ({b!r} vs {a!r}); "
                                    f"a visit combines exposures of one profile, band and "
                                    f"calibration")
+
+
+def _calibration_errors(tables: list[Table], names: list[str]) -> bool:
+    """Whether the tables carry the calibration's part of their errors (all or none)."""
+    has = [all(c in t.colnames for c in _CALIBRATION_ERRORS) for t in tables]
+    if any(has) and not all(has):
+        odd = has.index(not has[0])
+        raise CombineError(f"{names[odd]}: {'has' if has[odd] else 'lacks'} the calibration's "
+                           f"error columns ({', '.join(_CALIBRATION_ERRORS)}), unlike "
+                           f"{names[0]}; reduce the visit's frames alike")
+    return all(has)
 
 
 def _same(a, b) -> bool:
@@ -609,6 +632,7 @@ def combine_stokes(tables: list[Table], names: list[str] | None = None, *,
         if not len(table):
             raise CombineError(f"{name}: no Stokes rows: nothing to match")
     _check_compatible(tables, names)
+    calibration_errors = _calibration_errors(tables, names)
     if cfg.match == "auto":
         mode = "sky" if all(_has_sky(t) for t in tables) else "pixel"
     else:
@@ -626,8 +650,9 @@ def combine_stokes(tables: list[Table], names: list[str] | None = None, *,
     star_rows = _merge(shifted, radius)
     pix_offsets = np.array([f.offset for f in fits]) if mode == "pixel" else \
         _pixel_offsets(tables, star_rows)
-    table, members = _combined_table(tables, star_rows, pix_offsets, shifted, pos, cfg)
-    meta = _provenance(tables, names, cfg, mode, fits, pix_offsets)
+    table, members = _combined_table(tables, star_rows, pix_offsets, shifted, pos, cfg,
+                                     calibration_errors)
+    meta = _provenance(tables, names, cfg, mode, fits, pix_offsets, calibration_errors)
     table.meta.update(meta)
     members.meta.update({k: meta[k] for k in ("inputs", "match")})
     log.debug("combined %d exposures (%s matching): %d stars, %d with flags == 0", len(tables),
@@ -651,17 +676,21 @@ def _pixel_offsets(tables: list[Table], star_rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _combined_table(tables, star_rows, pix_offsets, shifted, pos, cfg):
+def _combined_table(tables, star_rows, pix_offsets, shifted, pos, cfg, calibration_errors=False):
     n_star = len(star_rows)
     have = star_rows >= 0
     q, qe, u, ue, fl, xs, ys = (_gather([np.asarray(t[c], float) for t in tables], star_rows)
                                 for c in ("q", "q_err", "u", "u_err", "flags", "x", "y"))
+    # with a calibration's errors the means, their weights and the chi-square use the
+    # statistical part alone: the calibration's part is common to the exposures
+    qw, uw = (_gather([np.asarray(t[c], float) for t in tables], star_rows)
+              for c in ("q_err_stat", "u_err_stat")) if calibration_errors else (qe, ue)
     flags = np.where(have, np.nan_to_num(fl), 0).astype(np.int64)
     with np.errstate(invalid="ignore"):
-        valid = have & np.isfinite(q) & np.isfinite(u) & (qe > 0) & (ue > 0)
+        valid = have & np.isfinite(q) & np.isfinite(u) & (qw > 0) & (uw > 0)
     used = valid & ((flags == 0) | bool(cfg.include_flagged))
-    qm, qme, chi_q, n_used = weighted_mean(np.where(used, q, np.nan), np.where(used, qe, np.nan))
-    um, ume, chi_u, _ = weighted_mean(np.where(used, u, np.nan), np.where(used, ue, np.nan))
+    qm, qme, chi_q, n_used = weighted_mean(np.where(used, q, np.nan), np.where(used, qw, np.nan))
+    um, ume, chi_u, _ = weighted_mean(np.where(used, u, np.nan), np.where(used, uw, np.nan))
     dof = 2 * (n_used - 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         chi2 = np.where(n_used >= 2, chi_q + chi_u, np.nan)
@@ -676,7 +705,13 @@ def _combined_table(tables, star_rows, pix_offsets, shifted, pos, cfg):
                          | int(CombineFlag.NO_MEASUREMENT), out_flags)
     with np.errstate(invalid="ignore"):
         out_flags |= np.where(p_chi2 < cfg.significance, int(CombineFlag.DISAGREE), 0)
-    pol = stokes_from_qu(qm, qme, um, ume)
+    if calibration_errors:
+        cal = _calibration_part(tables, star_rows, used, qw, uw)
+        q_tot, u_tot = np.hypot(qme, cal["q_err_cal"]), np.hypot(ume, cal["u_err_cal"])
+        pol = stokes_from_qu(qm, q_tot, um, u_tot, qu_cov=cal["qu_corr_cal"] * cal["q_err_cal"]
+                             * cal["u_err_cal"])
+    else:
+        pol = stokes_from_qu(qm, qme, um, ume)
 
     # positions: the mean over the star's measurements, in the reference's pixels
     with _quiet_nanmean():
@@ -715,6 +750,22 @@ def _combined_table(tables, star_rows, pix_offsets, shifted, pos, cfg):
     out["u"].description = "inverse-variance weighted mean of u"
     out["u_err"].description = "1-sigma error of the mean of u" + (
         " (times sqrt(chi2_dof) where > 1)" if cfg.inflate_errors else "")
+    if calibration_errors:
+        inflated = " (times sqrt(chi2_dof) where > 1)" if cfg.inflate_errors else ""
+        for c in ("q", "u"):
+            out[f"{c}_err"].description = (f"1-sigma error of the mean of {c}: {c}_err_stat and "
+                                           f"{c}_err_cal in quadrature")
+            out[f"{c}_err_stat"] = qme if c == "q" else ume
+            out[f"{c}_err_stat"].description = (f"statistical error of the mean of {c}, from the "
+                                                f"exposures' {c}_err_stat{inflated}")
+        for col, text in (("q_err_cal", "calibration's error of q, shared by the exposures: their "
+                                        "q_err_cal averaged with the weights of the mean"),
+                          ("u_err_cal", "calibration's error of u, shared by the exposures: their "
+                                        "u_err_cal averaged with the weights of the mean"),
+                          ("qu_corr_cal", "correlation of the calibration's errors of q and u "
+                                          "(mean over the exposures used)")):
+            out[col] = cal[col]
+            out[col].description = text
     out["chi2_dof"] = chi2_dof
     out["chi2_dof"].description = ("chi-square of q and u about the means per degree of "
                                    "freedom, 2 (n_used - 1)")
@@ -739,6 +790,36 @@ def _combined_table(tables, star_rows, pix_offsets, shifted, pos, cfg):
     return out, members
 
 
+def _calibration_part(tables: list[Table], star_rows: np.ndarray, used: np.ndarray,
+                      q_err_stat: np.ndarray, u_err_stat: np.ndarray) -> dict:
+    """The calibration's error of the weighted means.
+
+    Every exposure is calibrated by the same parameters, so their calibration errors are
+    fully correlated: the error of a weighted mean is the weighted mean of the errors
+    (exact when the star's derivatives are the same in every exposure, which dithers of
+    a small fraction of the polynomials' scale hardly change; otherwise an upper bound).
+    The weights are those of the means (the statistical errors); the correlation of q
+    and u is the mean of the exposures'.
+    """
+    out = {}
+    for c, err in (("q", q_err_stat), ("u", u_err_stat)):
+        cal = _gather([np.asarray(t[f"{c}_err_cal"], float) for t in tables], star_rows)
+        ok = used & np.isfinite(cal)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = np.where(ok, 1.0 / np.where(ok, err, 1.0) ** 2, 0.0)
+            sw = w.sum(axis=1)
+            out[f"{c}_err_cal"] = np.where(sw > 0, (w * np.where(ok, cal, 0.0)).sum(axis=1) / sw,
+                                           np.nan)
+    corr = _gather([np.asarray(t["qu_corr_cal"], float) if "qu_corr_cal" in t.colnames
+                    else np.zeros(len(t)) for t in tables], star_rows)
+    ok = used & np.isfinite(corr)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n = ok.sum(axis=1)
+        out["qu_corr_cal"] = np.where(n > 0, np.where(ok, corr, 0.0).sum(axis=1) / np.maximum(n, 1),
+                                      np.nan)
+    return out
+
+
 @contextlib.contextmanager
 def _quiet_nanmean():
     """Silence 'Mean of empty slice' for stars whose positions are all NaN."""
@@ -747,7 +828,7 @@ def _quiet_nanmean():
         yield
 
 
-def _provenance(tables, names, cfg, mode, fits, pix_offsets) -> dict:
+def _provenance(tables, names, cfg, mode, fits, pix_offsets, calibration_errors=False) -> dict:
     meta = {
         "robopol_clean_version": __version__,
         "robopol_clean_commit": __commit__,
@@ -766,6 +847,11 @@ def _provenance(tables, names, cfg, mode, fits, pix_offsets) -> dict:
         "combination": "inverse-variance weighted means of q and u; chi2 of q and u about the "
                        "means with 2 (n_used - 1) dof; p, theta from robopol_clean.stokes",
     }
+    if calibration_errors:
+        meta["calibration_errors"] = (
+            "means, weights and chi2 from q_err_stat, u_err_stat; the calibration's error "
+            "(q_err_cal, u_err_cal: the exposures' averaged with the same weights, not "
+            "reduced by their number) added once in quadrature")
     if mode == "sky":
         meta["sky_offsets"] = [[float(v) for v in f.offset] for f in fits]
         meta["sky_offsets_note"] = "arcsec on the tangent plane at the reference's centre"

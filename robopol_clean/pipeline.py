@@ -175,7 +175,8 @@ def reduce_frame(
         angle zero point and instrumental polarization replace the profile's
         ``[calibration]`` values for this frame; its SHA-256 and path are recorded in the
         header (``RCLCAL``, ``RCLCALF``) and the catalogues' metadata
-        (``calibration_file``).
+        (``calibration_file``). When it carries the covariance of its fitted parameters,
+        the Stokes errors include the calibration's (``q_err_cal``, ``u_err_cal``).
     name : str
         Name used in messages (usually the file name).
 
@@ -236,7 +237,8 @@ def _reduce(ccd: CCDData, profile: InstrumentProfile, clf: SpotClassifier, cfg: 
         measured_radius = psf_meta.get("fit_radius", radius)
         groups = _flag_groups(groups, spots, artifact_mask, measured_radius, profile, config)
         measured = groups[np.asarray(groups["complete"], bool) & ~groups["has_rejected"]]
-        stokes = stokes_table(measured, spots, profile, exclude_flagged=False, keep_invalid=True)
+        stokes = stokes_table(measured, spots, profile, exclude_flagged=False, keep_invalid=True,
+                              calibration=calibration)
         flags = np.asarray(measured["flags"], np.int64)
         flags = flags | np.where(np.isfinite(np.asarray(stokes["q"], float))
                                  & np.isfinite(np.asarray(stokes["u"], float)),

@@ -24,7 +24,11 @@ Conventions (the package default; see the instrument profile):
   polarization vector (equal to p_err when q_err == u_err).
 
 q and u come from different spot pairs, so their errors are independent; all errors
-are propagated exactly to first order.
+are propagated exactly to first order. A calibration fitted from standard stars has
+errors of its own: given the covariance of its corrections at a source (angle zero point,
+instrumental q and u), they are propagated into the calibrated q and u too, and the
+errors become the statistical and the calibration parts in quadrature
+(``calibration_covariance`` of :func:`stokes_from_fluxes`).
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.table import Table
 from scipy.special import erf, erfinv
+
+if TYPE_CHECKING:  # for the annotation only: this module does not read calibration files
+    from .calibration import Calibration
 
 __all__ = [
     "StokesResult",
@@ -52,6 +60,7 @@ __all__ = [
     "pair_ratio_check",
     "NKC_SNR_LIMIT",
     "RAD_TO_HALF_DEG",
+    "CALIBRATION_ERROR_COLUMNS",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,7 +81,15 @@ _UNITS = {
     "theta": ("deg", "polarization angle 0.5 atan2(u, q), in [0, 180)"),
     "theta_err": ("deg", "angle uncertainty (Naghizadeh-Khouei & Clarke 1993 below S/N 20)"),
     "snr": ("", "polarimetric signal-to-noise p / p_err"),
+    "q_err_stat": ("", "1-sigma statistical (photometric) uncertainty of q"),
+    "u_err_stat": ("", "1-sigma statistical (photometric) uncertainty of u"),
+    "q_err_cal": ("", "1-sigma uncertainty of q from the calibration's fitted parameters"),
+    "u_err_cal": ("", "1-sigma uncertainty of u from the calibration's fitted parameters"),
+    "qu_corr_cal": ("", "correlation coefficient of the calibration's errors of q and u"),
 }
+
+#: Columns of a calibrated result that carries the calibration's uncertainty.
+CALIBRATION_ERROR_COLUMNS = ("q_err_stat", "u_err_stat", "q_err_cal", "u_err_cal", "qu_corr_cal")
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,14 @@ class StokesResult:
         Polarization angle in [0, 180) deg and its error (deg).
     snr : ndarray
         Polarimetric signal-to-noise ``p / p_err``.
+    q_err_stat, u_err_stat : ndarray or None
+        The statistical (photometric) part of ``q_err`` and ``u_err``; None unless a
+        calibration covariance was propagated (then ``q_err`` and ``u_err`` are totals).
+    q_err_cal, u_err_cal : ndarray or None
+        The calibration's part (``q_err**2 = q_err_stat**2 + q_err_cal**2``); None alike.
+    qu_corr_cal : ndarray or None
+        Correlation coefficient of the calibration's errors of q and u (the angle zero
+        point moves them together); None alike.
     """
 
     q: np.ndarray
@@ -106,14 +131,22 @@ class StokesResult:
     theta: np.ndarray
     theta_err: np.ndarray
     snr: np.ndarray
+    q_err_stat: np.ndarray | None = None
+    u_err_stat: np.ndarray | None = None
+    q_err_cal: np.ndarray | None = None
+    u_err_cal: np.ndarray | None = None
+    qu_corr_cal: np.ndarray | None = None
 
     def as_table(self) -> Table:
         """The result as an `~astropy.table.Table` with units and descriptions set.
 
-        Only valid for 1-D (or scalar) results.
+        Only valid for 1-D (or scalar) results. The calibration's columns
+        (:data:`CALIBRATION_ERROR_COLUMNS`) are there only when they are set.
         """
         t = Table()
         for f in fields(self):
+            if getattr(self, f.name) is None:
+                continue
             t[f.name] = np.atleast_1d(getattr(self, f.name))
             unit, desc = _UNITS[f.name]
             t[f.name].unit = unit or None
@@ -260,7 +293,8 @@ def angle_error(p, p_err) -> np.ndarray:
 
 
 def stokes_from_fluxes(f0, f45, f90, f135, e0, e45, e90, e135, *,
-                       q_inst=0.0, u_inst=0.0, angle_zero: float = 0.0) -> StokesResult:
+                       q_inst=0.0, u_inst=0.0, angle_zero: float = 0.0,
+                       calibration_covariance=None) -> StokesResult:
     """Calibrated Stokes q, u, p and theta with uncertainties from four channel fluxes.
 
     Parameters
@@ -276,6 +310,15 @@ def stokes_from_fluxes(f0, f45, f90, f135, e0, e45, e90, e135, *,
     angle_zero : float
         Angle zero point (deg): after subtracting the instrumental polarization the
         vector is rotated by it, ``q' = q cos 2d - u sin 2d``, ``u' = q sin 2d + u cos 2d``.
+    calibration_covariance : array-like, optional
+        Shape ``(..., 3, 3)``: at each source, the covariance of the three corrections,
+        in the order (``angle_zero`` (deg), ``q_inst``, ``u_inst``), e.g.
+        :meth:`Calibration.covariance_at <robopol_clean.calibration.Calibration.covariance_at>`.
+        It is propagated to first order, ``J C J^T`` with ``J`` the derivatives of
+        ``(q', u')``: ``(-k u', -cos 2d, sin 2d)`` and ``(k q', -sin 2d, -cos 2d)``,
+        ``k = pi / 90`` per degree of ``d``. Then ``q_err`` and ``u_err`` are totals, the
+        statistical and the calibration parts in quadrature, and the parts are returned
+        too (``q_err_stat``, ``q_err_cal``, ``qu_corr_cal``, ...).
 
     Returns
     -------
@@ -286,7 +329,11 @@ def stokes_from_fluxes(f0, f45, f90, f135, e0, e45, e90, e135, *,
         ``p_err`` is the error along the polarization vector and ``b``, the error
         perpendicular to it, ``b^2 = (u^2 q_err^2 + q^2 u_err^2) / p^2``, sets both the
         debiasing and the angle error (``angle_error(p_debiased, b)``); for
-        ``q_err == u_err`` they are equal and the usual formulas result.
+        ``q_err == u_err`` they are equal and the usual formulas result. With a
+        ``calibration_covariance`` they come from the total covariance of the calibrated
+        ``(q', u')`` instead (:func:`stokes_from_qu` with ``qu_cov``): the rotated
+        statistical errors, which are correlated when ``q_err != u_err``, plus the
+        calibration's.
 
     Examples
     --------
@@ -315,24 +362,64 @@ def stokes_from_fluxes(f0, f45, f90, f135, e0, e45, e90, e135, *,
     theta = np.where(theta >= 180.0, 0.0, theta)  # mod can round up to 180.0
     values = dict(q=q_rot, q_err=q_err_rot, u=u_rot, u_err=u_err_rot, p=pol.p, p_err=pol.p_err,
                   p_debiased=pol.p_debiased, theta=theta, theta_err=pol.theta_err, snr=pol.snr)
+    if calibration_covariance is not None:
+        values.update(_with_calibration_errors(q_rot, u_rot, q_err, u_err, c, s,
+                                               calibration_covariance))
     return StokesResult(**{k: np.asarray(v, dtype=float) for k, v in values.items()})
 
 
-def stokes_from_qu(q, q_err, u, u_err) -> StokesResult:
-    """p, its error, debiased p, theta and its error from q and u with independent errors.
+def _with_calibration_errors(q_rot: np.ndarray, u_rot: np.ndarray, q_err: np.ndarray,
+                             u_err: np.ndarray, c: float, s: float,
+                             calibration_covariance) -> dict:
+    """Total errors of calibrated (q', u'): the statistical errors ``q_err``, ``u_err``
+    (before the rotation by ``2d``, whose cosine and sine are ``c``, ``s``) and the
+    calibration's covariance (``(..., 3, 3)`` of angle_zero (deg), q_inst, u_inst)
+    propagated through the correction's derivatives."""
+    cov = np.asarray(calibration_covariance, dtype=float)
+    if cov.shape[-2:] != (3, 3):
+        raise ValueError(f"calibration_covariance must have shape (..., 3, 3), got {cov.shape}")
+    k = np.radians(2.0)  # d(2d in radians) / d(d in degrees)
+    one = np.ones_like(q_rot)
+    jac_q = np.stack([-k * u_rot, -c * one, s * one], axis=-1)
+    jac_u = np.stack([k * q_rot, -s * one, -c * one], axis=-1)
+    var_q_cal = np.maximum(np.einsum("...i,...ij,...j->...", jac_q, cov, jac_q), 0.0)
+    var_u_cal = np.maximum(np.einsum("...i,...ij,...j->...", jac_u, cov, jac_u), 0.0)
+    cov_cal = np.einsum("...i,...ij,...j->...", jac_q, cov, jac_u)
+    # the statistical covariance rotated: independent before, correlated after when q_err != u_err
+    var_q_stat = (c * q_err) ** 2 + (s * u_err) ** 2
+    var_u_stat = (s * q_err) ** 2 + (c * u_err) ** 2
+    cov_stat = c * s * (q_err**2 - u_err**2)
+    q_tot = np.sqrt(var_q_stat + var_q_cal)
+    u_tot = np.sqrt(var_u_stat + var_u_cal)
+    pol = stokes_from_qu(q_rot, q_tot, u_rot, u_tot, qu_cov=cov_stat + cov_cal)
+    q_cal, u_cal = np.sqrt(var_q_cal), np.sqrt(var_u_cal)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = np.where((q_cal > 0) & (u_cal > 0), cov_cal / (q_cal * u_cal), 0.0)
+    return dict(q_err=q_tot, u_err=u_tot, p_err=pol.p_err, p_debiased=pol.p_debiased,
+                theta_err=pol.theta_err, snr=pol.snr, q_err_stat=np.sqrt(var_q_stat),
+                u_err_stat=np.sqrt(var_u_stat), q_err_cal=q_cal, u_err_cal=u_cal,
+                qu_corr_cal=np.clip(corr, -1.0, 1.0))
+
+
+def stokes_from_qu(q, q_err, u, u_err, *, qu_cov=None) -> StokesResult:
+    """p, its error, debiased p, theta and its error from q and u and their errors.
 
     The part of :func:`stokes_from_fluxes` after q and u are known, for q and u that come
     from elsewhere (e.g. the weighted means of several exposures,
     :mod:`robopol_clean.combine`). ``p_err`` is the error along the polarization vector;
     ``b``, the error perpendicular to it, ``b^2 = (u^2 q_err^2 + q^2 u_err^2) / p^2``,
     sets the MAS debiasing (:func:`debias_mas`) and the angle error
-    (``angle_error(p_debiased, b)``).
+    (``angle_error(p_debiased, b)``). With a covariance ``C`` between the errors of q
+    and u, ``p_err^2`` gains ``2 q u C / p^2`` and ``b^2`` loses it.
 
     Parameters
     ----------
     q, q_err, u, u_err : array-like
-        Normalised Stokes q and u (dimensionless) and their independent 1-sigma errors.
+        Normalised Stokes q and u (dimensionless) and their 1-sigma errors.
         Arrays broadcast together.
+    qu_cov : array-like, optional
+        Covariance of the errors of q and u (dimensionless); independent errors when
+        omitted. A calibration's angle zero point, for instance, moves q and u together.
 
     Returns
     -------
@@ -352,10 +439,14 @@ def stokes_from_qu(q, q_err, u, u_err) -> StokesResult:
     with np.errstate(divide="ignore", invalid="ignore"):
         nonzero = p > 0
         # radial (along the vector) and perpendicular noise; isotropic mean at p == 0
-        p_err = np.where(nonzero, np.sqrt(q**2 * q_err**2 + u**2 * u_err**2) / p,
-                         np.sqrt((q_err**2 + u_err**2) / 2.0))
-        b = np.where(nonzero, np.sqrt(u**2 * q_err**2 + q**2 * u_err**2) / p,
-                     np.sqrt((q_err**2 + u_err**2) / 2.0))
+        radial = q**2 * q_err**2 + u**2 * u_err**2
+        perpendicular = u**2 * q_err**2 + q**2 * u_err**2
+        if qu_cov is not None:
+            cross = 2.0 * q * u * np.asarray(qu_cov, dtype=float)
+            radial, perpendicular = radial + cross, np.maximum(perpendicular - cross, 0.0)
+            radial = np.maximum(radial, 0.0)
+        p_err = np.where(nonzero, np.sqrt(radial) / p, np.sqrt((q_err**2 + u_err**2) / 2.0))
+        b = np.where(nonzero, np.sqrt(perpendicular) / p, np.sqrt((q_err**2 + u_err**2) / 2.0))
         snr = np.where(p_err > 0, p / p_err, np.nan)
     p_deb = debias_mas(p, b)
     theta_err = angle_error(p_deb, b)  # the angle moves with the perpendicular noise
@@ -367,7 +458,7 @@ def stokes_from_qu(q, q_err, u, u_err) -> StokesResult:
 
 
 def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool = True,
-                 keep_invalid: bool = False) -> Table:
+                 keep_invalid: bool = False, calibration: Calibration | None = None) -> Table:
     """Stokes parameters of every clean, complete quadruplet.
 
     Parameters
@@ -389,14 +480,24 @@ def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool 
     keep_invalid : bool
         Keep groups with a non-finite flux or a non-positive pair sum, with NaN Stokes
         parameters (the pipeline flags them instead of dropping them).
+    calibration : Calibration, optional
+        The calibration file whose values the profile holds
+        (:meth:`Calibration.apply <robopol_clean.calibration.Calibration.apply>`): the
+        covariance of its fitted parameters, evaluated at each source
+        (:meth:`~robopol_clean.calibration.Calibration.covariance_at` with the profile's
+        geometry), is propagated into the errors (``calibration_covariance`` of
+        :func:`stokes_from_fluxes`). Without one, or when it carries no covariance, the
+        errors are the statistical ones and the table has no calibration columns.
 
     Returns
     -------
     Table
         One row per used quadruplet: ``group_id``, ``x``, ``y`` (pix), ``q``, ``q_err``,
         ``u``, ``u_err``, ``p``, ``p_err``, ``p_debiased``, ``theta``, ``theta_err`` (deg),
-        ``snr``, ``crowded`` (only if the spots table has that photometry flag: a spot
-        has a close neighbour, so its errors may be underestimated) and
+        ``snr``, with a calibration covariance ``q_err_stat``, ``u_err_stat``,
+        ``q_err_cal``, ``u_err_cal`` and ``qu_corr_cal`` (``q_err`` and ``u_err`` then being
+        the totals), ``crowded`` (only if the spots table has that photometry flag: a
+        spot has a close neighbour, so its errors may be underestimated) and
         ``flux_<channel>`` (electron). ``meta`` records the convention and the
         calibration applied.
 
@@ -404,7 +505,15 @@ def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool 
     ------
     KeyError
         If a required column is missing (the message names it and the table).
+    ValueError
+        If ``calibration`` is not the one the profile holds.
     """
+    propagate = calibration is not None and calibration.has_covariance
+    if propagate and not np.isclose(float(profile.angle_zero), float(calibration.angle_zero),
+                                    rtol=0.0, atol=1e-12):
+        raise ValueError(f"stokes_table: the profile's angle_zero ({profile.angle_zero}) is not "
+                         f"that of the calibration {calibration.source} "
+                         f"({calibration.angle_zero}); apply it first (Calibration.apply)")
     channels = tuple(profile.channels)
     _require(groups, ["group_id", "x", "y", "complete"] + [f"spot_{ch}" for ch in channels],
              "groups")
@@ -457,10 +566,11 @@ def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool 
     q_inst, u_inst = profile.instrumental_qu(x, y)
     f = {a: flux[ch][use] for a, ch in by_angle.items()}
     e = {a: ferr[ch][use] for a, ch in by_angle.items()}
+    cal_cov = calibration.covariance_at(x, y, profile.geometry) if propagate else None
     with np.errstate(invalid="ignore", divide="ignore"):
         res = stokes_from_fluxes(f[0.0], f[45.0], f[90.0], f[135.0], e[0.0], e[45.0], e[90.0],
                                  e[135.0], q_inst=q_inst, u_inst=u_inst,
-                                 angle_zero=profile.angle_zero)
+                                 angle_zero=profile.angle_zero, calibration_covariance=cal_cov)
 
     out = Table()
     out["group_id"] = np.asarray(groups["group_id"])[use] if n else np.zeros(0, np.int64)
@@ -469,9 +579,12 @@ def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool 
         out[name] = values
         out[name].unit = "pix"
         out[name].description = f"pattern centre {name} (0-based, FITS orientation)"
-    res_table = res.as_table() if len(x) else _empty_result_table()
+    res_table = res.as_table() if len(x) else _empty_result_table(propagate)
     for col in res_table.colnames:
         out[col] = res_table[col]
+    if propagate:
+        out["q_err"].description = "1-sigma uncertainty of q: statistical and calibration in quadrature"
+        out["u_err"].description = "1-sigma uncertainty of u: statistical and calibration in quadrature"
     if "crowded" in spots.colnames:
         crowded_rows = np.append(np.asarray(spots["crowded"], bool), False)
         out["crowded"] = np.any([crowded_rows[rows[ch]][use] for ch in channels], axis=0) \
@@ -494,6 +607,11 @@ def stokes_table(groups: Table, spots: Table, profile, *, exclude_flagged: bool 
         "theta_err_method": f"Naghizadeh-Khouei & Clarke 1993 below S/N {NKC_SNR_LIMIT:g}",
         "profile": profile.name,
     })
+    if propagate:
+        out.meta["calibration_errors"] = (
+            "q_err, u_err = statistical (q_err_stat, u_err_stat) and calibration (q_err_cal, "
+            "u_err_cal: the fitted parameters' covariance propagated at each source) in "
+            "quadrature; p_err, theta_err from the total covariance")
     return out
 
 
@@ -847,9 +965,11 @@ def pair_ratio_check(groups: Table, spots: Table, profile, **kwargs) -> PairRati
     return group_pair_ratio_residuals(groups, spots, profile, **kwargs)
 
 
-def _empty_result_table() -> Table:
+def _empty_result_table(calibration_errors: bool = False) -> Table:
     z = np.zeros(0)
-    return StokesResult(*(z for _ in fields(StokesResult))).as_table()
+    return StokesResult(**{f.name: z for f in fields(StokesResult)
+                           if calibration_errors or f.name not in CALIBRATION_ERROR_COLUMNS}
+                        ).as_table()
 
 
 def _require(table: Table, columns: list[str], what: str) -> None:

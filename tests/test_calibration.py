@@ -2,6 +2,7 @@
 instrumental effects, refuses what the standards cannot constrain, and the calibration file
 round-trips and is applied (with its hash recorded) by reduce_frame."""
 
+import dataclasses
 import hashlib
 import math
 import tomllib
@@ -30,6 +31,7 @@ from robopol_clean.plots import plot_calibration_residuals
 from robopol_clean.products import write_products
 from robopol_clean.simulate import simulate_frame
 from robopol_clean.standards import StandardError, find_standard
+from robopol_clean.stokes import stokes_from_fluxes
 
 CATALOGUE = {"BD+59 389": (-0.06172, -0.01803), "HD 212311": (-0.00007, 0.00033),
              "Hiltner 960": (-0.01703, 0.04924), "BD+32 3739": (0.00008, 0.00024)}
@@ -175,6 +177,11 @@ def test_file_round_trip_and_hash(tmp_path, profile):
     assert (cal.angle_zero, cal.q_inst, cal.u_inst, cal.terms, cal.center, cal.scale) == (
         fit.calibration.angle_zero, fit.calibration.q_inst, fit.calibration.u_inst,
         fit.calibration.terms, fit.calibration.center, fit.calibration.scale)
+    # the fit's covariance travels with it, the same from the file as unsaved
+    assert cal.parameters == tuple(fit.parameters) == fit.calibration.parameters
+    assert cal.covariance == fit.calibration.covariance and cal.has_covariance
+    np.testing.assert_allclose(cal.covariance, fit.covariance, rtol=1e-12)
+    assert cal.describe()["covariance"] == [list(r) for r in cal.covariance]
     doc = tomllib.loads(raw.decode())
     assert doc["format"] == "robopol-clean calibration" and doc["format_version"] == 1
     assert doc["instrument"] == "RoboPol" and doc["created"] and doc["robopol_clean_version"]
@@ -210,6 +217,111 @@ u_inst = [0.002]
 center = [1024.0, 1024.0]
 scale = 1024.0
 """
+
+
+FIT = """
+[fit]
+parameters = ["angle_zero", "q_inst[1]", "u_inst[1]"]
+covariance = [[0.04, 1e-6, 0.0], [1e-6, 9e-8, 0.0], [0.0, 0.0, 1e-7]]
+"""
+
+
+def test_the_fit_covariance_is_read_and_optional(tmp_path):
+    cal = load_calibration(_write_toml(tmp_path / "c.toml", GOOD + FIT))
+    assert cal.parameters == ("angle_zero", "q_inst[1]", "u_inst[1]")
+    assert cal.covariance[0] == (0.04, 1e-6, 0.0) and cal.has_covariance
+    cov = cal.covariance_at([0.0, 2047.0], [0.0, 2047.0])
+    assert cov.shape == (2, 3, 3)
+    np.testing.assert_allclose(cov[0], np.array(cal.covariance))  # a constant map: same everywhere
+    # a file without it (written by hand): applied as before, nothing propagated
+    bare = load_calibration(_write_toml(tmp_path / "b.toml", GOOD))
+    assert not bare.has_covariance and bare.parameters == () and bare.covariance == ()
+    assert not bare.covariance_at([1.0], [2.0]).any() and "covariance" not in bare.describe()
+    other = load_calibration(_write_toml(tmp_path / "o.toml", GOOD + "[fit]\nchi2 = 1.0\n"))
+    assert not other.has_covariance
+
+
+def _fit_text(parameters='["angle_zero", "q_inst[1]", "u_inst[1]"]',
+              covariance="[[0.04, 1e-6, 0.0], [1e-6, 9e-8, 0.0], [0.0, 0.0, 1e-7]]"):
+    return GOOD + f"[fit]\nparameters = {parameters}\ncovariance = {covariance}\n"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (_fit_text(covariance="[[0.04, 1e-6], [1e-6, 9e-8]]"),
+     r"\[fit.covariance\] must be a 3 x 3 matrix"),
+    (_fit_text(covariance="[[0.04, 1e-6, 0.0], [2e-6, 9e-8, 0.0], [0.0, 0.0, 1e-7]]"),
+     r"\[fit.covariance\] is not symmetric"),
+    (_fit_text(covariance="[[0.04, 1e-6, 0.0], [1e-6, nan, 0.0], [0.0, 0.0, 1e-7]]"),
+     r"\[fit.covariance\] holds a non-finite value"),
+    (_fit_text(covariance="[[0.04, 1e-6, 0.0], [1e-6, -9e-8, 0.0], [0.0, 0.0, 1e-7]]"),
+     r"\[fit.covariance\] has a negative variance"),
+    (_fit_text(covariance="[[1.0, 0.0, 0.9], [0.0, 1.0, 0.9], [0.9, 0.9, 1.0]]"),
+     r"\[fit.covariance\] is not positive semi-definite"),
+    (_fit_text(covariance='[["a", 1e-6, 0.0], [1e-6, 9e-8, 0.0], [0.0, 0.0, 1e-7]]'),
+     r"\[fit.covariance\] must hold numbers only"),
+    (_fit_text(parameters='["angle_zero", "q_inst[x]", "u_inst[1]"]'),
+     r"\[fit.parameters\] 'q_inst\[x\]' is not angle_zero, q_inst\[<term>\] or u_inst"),
+    (_fit_text(parameters='["angle_zero", "angle_zero", "u_inst[1]"]'),
+     r"\[fit.parameters\] must be a list of distinct names"),
+    (GOOD + "[fit]\ncovariance = [[1.0]]\n", r"\[fit\] has covariance without parameters"),
+    ('fit = "none"\n' + GOOD, r"\[fit\] must be a table"),
+])
+def test_a_wrong_covariance_is_one_clear_error(tmp_path, text, message):
+    path = _write_toml(tmp_path / "wrong.toml", text)
+    with pytest.raises(CalibrationError, match=rf"^{tmp_path / 'wrong.toml'}: {message}"):
+        load_calibration(path)
+
+
+def _with_parameters(cal: Calibration, values) -> Calibration:
+    """The calibration with its fitted parameters set to ``values``."""
+    angle, q, u = cal.angle_zero, list(cal.q_inst), list(cal.u_inst)
+    for name, v in zip(cal.parameters, values):
+        if name == "angle_zero":
+            angle = float(v)
+        else:
+            coeffs = q if name.startswith("q_inst") else u
+            coeffs[cal.terms.index(name[7:-1])] = float(v)
+    return dataclasses.replace(cal, angle_zero=angle, q_inst=tuple(q), u_inst=tuple(u))
+
+
+def test_calibration_errors_match_monte_carlo_of_the_fit(profile):
+    """Calibrations drawn from a fitted map's covariance and applied through the profile:
+    the calibrated q and u of sources across the field scatter as q_err_cal and
+    u_err_cal say."""
+    geo = profile.geometry
+    places = [(300.0, 300.0), (1700.0, 400.0), (1000.0, 1700.0), TARGET]
+    plan = [(name, *xy) for xy in places for name in ("Hiltner 960", "BD+32 3739")]
+
+    def q_map(x, y):
+        return 0.004 + 0.002 * (x - geo.center[0]) / geo.scale
+
+    fit = fit_measurements(_measurements(plan, inst=(q_map, -0.003), seed=5), settings={"order": 1})
+    cal = fit.calibration
+    assert len(cal.parameters) == 7 and cal.has_covariance
+    x, y = np.array([150.0, 1024.0, 1900.0, 600.0]), np.array([1800.0, 1024.0, 200.0, 900.0])
+    # what the instrument records of bright sources (photon noise negligible)
+    q0, u0 = np.array([0.03, 0.0, -0.02, 0.01]), np.array([0.01, 0.04, 0.0, -0.03])
+    applied = cal.apply(profile)
+    qi, ui = applied.instrumental_qu(x, y)
+    raw_q, raw_u = _observed(q0, u0, cal.angle_zero, qi, ui)
+    f = np.array([1e14 * (1 + raw_q), 1e14 * (1 + raw_u), 1e14 * (1 - raw_q), 1e14 * (1 - raw_u)])
+    predicted = stokes_from_fluxes(*f, *np.sqrt(f), q_inst=qi, u_inst=ui, angle_zero=cal.angle_zero,
+                                   calibration_covariance=cal.covariance_at(x, y, geo))
+    np.testing.assert_allclose(predicted.q, q0, atol=1e-9)
+    rng = np.random.default_rng(8)
+    qu = []
+    for draw in rng.multivariate_normal(fit.values, fit.covariance, 3000):
+        drawn = _with_parameters(cal, draw).apply(profile)
+        r = stokes_from_fluxes(*f, *np.sqrt(f), q_inst=drawn.instrumental_qu(x, y)[0],
+                               u_inst=drawn.instrumental_qu(x, y)[1], angle_zero=drawn.angle_zero)
+        qu.append((r.q, r.u))
+    qu = np.array(qu)
+    np.testing.assert_allclose(qu[:, 0].std(axis=0), predicted.q_err_cal, rtol=0.06)
+    np.testing.assert_allclose(qu[:, 1].std(axis=0), predicted.u_err_cal, rtol=0.06)
+    corr = [np.corrcoef(qu[:, 0, k], qu[:, 1, k])[0, 1] for k in range(len(x))]
+    np.testing.assert_allclose(corr, predicted.qu_corr_cal, atol=0.06)
+    # a map is known best where the standards were: the centre beats the corner
+    assert predicted.q_err_cal[1] < predicted.q_err_cal[0]
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -283,6 +395,16 @@ def test_calibration_applied_by_reduce_frame(standard_fit, morphology, tmp_path)
     raw = target_row(reduce_frame(sim.ccd, classifier=morphology))
     result = reduce_frame(sim.ccd, classifier=morphology, calibration=path)
     row = target_row(result)
+    # the fit's covariance is in the errors; without it they are the statistical part
+    stokes = result.stokes
+    bare = dataclasses.replace(load_calibration(path), parameters=(), covariance=())
+    plain = reduce_frame(sim.ccd, classifier=morphology, calibration=bare).stokes
+    np.testing.assert_array_equal(stokes["q_err_stat"], plain["q_err"])
+    np.testing.assert_array_equal(stokes["u_err_stat"], plain["u_err"])
+    np.testing.assert_array_equal(stokes["q"], plain["q"])
+    np.testing.assert_allclose(stokes["u_err"] ** 2, plain["u_err"] ** 2 + stokes["u_err_cal"] ** 2)
+    assert "q_err_cal" not in plain.colnames and np.all(stokes["q_err_cal"] > 0)
+    assert result.meta["calibration_file"]["parameters"] == standard_fit.parameters
     # uncalibrated: off by the injected rotation and offset; calibrated: the catalogue values
     q_cat, u_cat = -0.04809, -0.06259
     assert abs(raw["u"] - u_cat) > 5 * raw["u_err"]

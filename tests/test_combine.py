@@ -8,6 +8,7 @@ import pytest
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 from scipy.spatial import cKDTree
+from scipy.stats import chi2 as chi2_distribution
 
 from robopol_clean.combine import (
     CombineConfig,
@@ -105,6 +106,86 @@ def test_tiny_visit_by_hand():
     assert t["x"].unit == "pix" and t["theta"].unit == "deg"
     assert t.meta["inputs"] == ["a", "b", "c"] and t.meta["match"] == "pixel"
     assert t.meta["config_hash"] == CombineConfig().digest() and t.meta["profile"] == "RoboPol"
+
+
+def _with_calibration_errors(table, q_cal, u_cal, corr=0.0):
+    """A table as reduced with a calibration's covariance: q_err becomes the total."""
+    t = table.copy()
+    t["q_err_stat"], t["u_err_stat"] = t["q_err"], t["u_err"]
+    t["q_err_cal"] = np.broadcast_to(np.asarray(q_cal, float), len(t)).copy()
+    t["u_err_cal"] = np.broadcast_to(np.asarray(u_cal, float), len(t)).copy()
+    t["qu_corr_cal"] = np.broadcast_to(np.asarray(corr, float), len(t)).copy()
+    t["q_err"] = np.hypot(t["q_err_stat"], t["q_err_cal"])
+    t["u_err"] = np.hypot(t["u_err_stat"], t["u_err_cal"])
+    return t
+
+
+def test_calibration_error_is_added_once():
+    """Exposures sharing a calibration: the means and the chi-square use the statistical
+    errors; the calibration's error is added once, not divided by the exposures."""
+    x = [100.0, 420.0, 260.0, 700.0, 880.0, 530.0]
+    y = [150.0, 90.0, 610.0, 330.0, 820.0, 460.0]
+    q_stat = [0.002, 0.002, 0.001]
+    q_cal = [4e-4, 5e-4, 6e-4]
+    tables = []
+    for k, (dx, dy) in enumerate(((0, 0), (12.0, -7.0), (-9.0, 15.0))):
+        plain = _table(np.add(x, dx), np.add(y, dy), [0.010, 0.014, 0.012][k:k + 1] + [0.02] * 5,
+                       [q_stat[k]] + [0.003] * 5, [-0.005] * 6, [0.002] * 6)
+        tables.append(_with_calibration_errors(plain, [q_cal[k]] + [5e-4] * 5, 3e-4, corr=-0.5))
+    t = combine_stokes(tables, ["a", "b", "c"]).table
+    star = t[np.argmin(np.hypot(t["x"] - 100.0, t["y"] - 150.0))]
+    # statistical weights 250000, 250000, 1e6, as without a calibration
+    assert star["q"] == pytest.approx(0.012) and star["q_err_stat"] == pytest.approx(1 / math.sqrt(1.5e6))
+    assert star["chi2_dof"] == pytest.approx(2.0 / 4)
+    cal = (2.5e5 * 4e-4 + 2.5e5 * 5e-4 + 1e6 * 6e-4) / 1.5e6
+    assert star["q_err_cal"] == pytest.approx(cal)
+    assert star["q_err"] == pytest.approx(math.hypot(1 / math.sqrt(1.5e6), cal))
+    # the same calibration error in every exposure stays as it is
+    other = t[np.argmin(np.hypot(t["x"] - 420.0, t["y"] - 90.0))]
+    assert other["q_err_cal"] == pytest.approx(5e-4) and other["u_err_cal"] == pytest.approx(3e-4)
+    assert other["u_err"] == pytest.approx(math.hypot(0.002 / math.sqrt(3), 3e-4))
+    assert other["qu_corr_cal"] == pytest.approx(-0.5)
+    ref = stokes_from_qu(other["q"], other["q_err"], other["u"], other["u_err"],
+                         qu_cov=-0.5 * 5e-4 * 3e-4)
+    assert other["p_err"] == pytest.approx(float(ref.p_err))
+    assert other["theta_err"] == pytest.approx(float(ref.theta_err))
+    assert {"q_err_stat", "u_err_stat", "q_err_cal", "u_err_cal", "qu_corr_cal"} <= set(t.colnames)
+    assert "calibration_errors" in t.meta
+    # inflated errors: only the statistical part grows
+    inflated = combine_stokes(tables, config=CombineConfig(inflate_errors=True)).table
+    row = inflated[np.argmin(np.hypot(inflated["x"] - 100.0, inflated["y"] - 150.0))]
+    assert row["q_err_cal"] == pytest.approx(cal)
+    assert row["q_err"] == pytest.approx(math.hypot(row["q_err_stat"], cal))
+    # tables without those columns combine as before, and do not mix with them
+    plain = combine_stokes([_table(*(np.asarray(tb[c]) for c in ("x", "y", "q", "q_err_stat", "u",
+                                                                    "u_err_stat"))) for tb in tables])
+    assert "q_err_cal" not in plain.table.colnames and "calibration_errors" not in plain.table.meta
+    with pytest.raises(CombineError, match="table 1: lacks the calibration's error columns"):
+        combine_stokes([tables[0], _table(*(np.asarray(tables[1][c]) for c in (
+            "x", "y", "q", "q_err_stat", "u", "u_err_stat")))])
+
+
+def test_visits_sharing_a_calibration_have_unit_pulls():
+    """A calibration error common to the exposures (one draw per star here, as many
+    independent calibrations would give) does not average down: the combined pulls
+    have unit spread; weighting it as independent noise would make them too wide."""
+    rng, x, y = _field(21, 400)
+    q_true, u_true = rng.normal(0, 0.02, 400), rng.normal(0, 0.02, 400)
+    stat, cal = 1e-3, 8e-4
+    dq, du = rng.normal(0, cal, 400), rng.normal(0, cal, 400)  # shared by the exposures
+    tables = []
+    for dx, dy in ((0, 0), (15.0, -8.0), (-11.0, 6.0), (7.0, 19.0)):
+        plain = _table(x + dx, y + dy, q_true + dq + rng.normal(0, stat, 400), np.full(400, stat),
+                       u_true + du + rng.normal(0, stat, 400), np.full(400, stat))
+        tables.append(_with_calibration_errors(plain, cal, cal))
+    t = combine_stokes(tables).table
+    d, i = cKDTree(np.c_[x, y]).query(np.c_[t["x"], t["y"]])
+    pulls = np.concatenate([(t["q"] - q_true[i]) / t["q_err"], (t["u"] - u_true[i]) / t["u_err"]])
+    assert np.std(pulls) == pytest.approx(1.0, abs=0.06)
+    naive = np.hypot(stat, cal) / 2.0  # the totals as if independent: 4 exposures
+    assert np.std((t["q"] - q_true[i]) / naive) > 1.3
+    # the chi-square comes from the statistical errors: the median of chi2(6) / 6
+    assert np.nanmedian(t["chi2_dof"]) == pytest.approx(chi2_distribution.median(6) / 6, abs=0.08)
 
 
 def test_cross_match_recovers_dithers_and_stars():

@@ -13,6 +13,7 @@ from robopol_clean.stokes import (
     pair_ratio_check,
     pair_ratio_residuals,
     stokes_from_fluxes,
+    stokes_from_qu,
     stokes_table,
 )
 
@@ -147,6 +148,129 @@ def test_standard_with_noise_and_calibration():
     assert r.q_err < 0.002
 
 
+# --- the calibration's own uncertainty ----------------------------------------------
+def _random_covariance(rng, n, sigmas=(0.3, 3e-4, 4e-4)):
+    """n random 3 x 3 covariances of (angle_zero deg, q_inst, u_inst), correlated."""
+    a = rng.normal(size=(n, 3, 3)) * np.asarray(sigmas)[:, None]
+    return a @ a.transpose(0, 2, 1) / 3
+
+
+def _calibrated_qu(f, e, angle, qi, ui):
+    r = stokes_from_fluxes(*f, *e, q_inst=qi, u_inst=ui, angle_zero=angle)
+    return np.array([r.q, r.u])
+
+
+def test_calibration_covariance_matches_finite_differences():
+    """J C J^T with J of the subtract-then-rotate correction, checked by central
+    differences of stokes_from_fluxes itself."""
+    rng = np.random.default_rng(11)
+    n = 6
+    f = np.array(fluxes(10 ** rng.uniform(4, 7, n), rng.normal(0, 0.05, n), rng.normal(0, 0.05, n)))
+    e = np.sqrt(f) * rng.uniform(0.7, 1.4, (4, n))  # unequal errors: q_err != u_err
+    angle, qi, ui = 23.0, 0.004, -0.003
+    cov = _random_covariance(rng, n)
+    r = stokes_from_fluxes(*f, *e, q_inst=qi, u_inst=ui, angle_zero=angle,
+                           calibration_covariance=cov)
+    steps = (1e-4, 1e-7, 1e-7)
+    jac = np.zeros((n, 2, 3))
+    for j, h in enumerate(steps):
+        up = [angle, qi, ui]
+        down = [angle, qi, ui]
+        up[j] += h
+        down[j] -= h
+        jac[:, :, j] = ((_calibrated_qu(f, e, *up) - _calibrated_qu(f, e, *down)) / (2 * h)).T
+    expected = jac @ cov @ jac.transpose(0, 2, 1)
+    np.testing.assert_allclose(r.q_err_cal**2, expected[:, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(r.u_err_cal**2, expected[:, 1, 1], rtol=1e-6)
+    np.testing.assert_allclose(r.qu_corr_cal, expected[:, 0, 1] / np.sqrt(
+        expected[:, 0, 0] * expected[:, 1, 1]), rtol=1e-5)
+    # the totals are the statistical and the calibration parts in quadrature; the
+    # statistical part and the values are those of a reduction without the covariance
+    plain = stokes_from_fluxes(*f, *e, q_inst=qi, u_inst=ui, angle_zero=angle)
+    np.testing.assert_array_equal(r.q_err_stat, plain.q_err)
+    np.testing.assert_array_equal(r.u_err_stat, plain.u_err)
+    for name in ("q", "u", "p", "theta"):
+        np.testing.assert_array_equal(getattr(r, name), getattr(plain, name))
+    np.testing.assert_allclose(r.q_err**2, r.q_err_stat**2 + r.q_err_cal**2, rtol=1e-12)
+    np.testing.assert_allclose(r.u_err**2, r.u_err_stat**2 + r.u_err_cal**2, rtol=1e-12)
+    assert plain.q_err_cal is None and "q_err_cal" not in plain.as_table().colnames
+    assert r.as_table().colnames[-5:] == ["q_err_stat", "u_err_stat", "q_err_cal", "u_err_cal",
+                                          "qu_corr_cal"]
+
+
+def test_zero_calibration_covariance_changes_no_error():
+    """The total covariance after the rotation (correlated when q_err != u_err) gives the
+    p_err and theta_err computed before it."""
+    rng = np.random.default_rng(12)
+    n = 50
+    f = np.array(fluxes(10 ** rng.uniform(3, 6, n), rng.normal(0, 0.03, n), rng.normal(0, 0.03, n)))
+    e = np.sqrt(f) * np.array([1.0, 2.5, 1.0, 2.5])[:, None]
+    plain = stokes_from_fluxes(*f, *e, q_inst=0.002, angle_zero=31.0)
+    zero = stokes_from_fluxes(*f, *e, q_inst=0.002, angle_zero=31.0,
+                              calibration_covariance=np.zeros((n, 3, 3)))
+    for name in ("q_err", "u_err", "p_err", "p_debiased", "theta_err", "snr"):
+        np.testing.assert_allclose(getattr(zero, name), getattr(plain, name), rtol=1e-9)
+    assert np.all(zero.q_err_cal == 0) and np.all(zero.qu_corr_cal == 0)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 3, 3\)"):
+        stokes_from_fluxes(*f, *e, calibration_covariance=np.zeros((n, 2, 2)))
+
+
+def test_calibration_errors_match_monte_carlo():
+    """Calibrations drawn from the covariance: q', u', p and theta of bright sources (photon
+    noise negligible) scatter as q_err_cal, u_err_cal, their correlation, p_err and
+    theta_err say."""
+    rng = np.random.default_rng(13)
+    q0 = np.array([0.03, 0.03, 0.0, -0.02])  # at 22.5 deg the angle moves q and u together
+    u0 = np.array([0.03, -0.01, 0.04, 0.0])
+    f = np.array(fluxes(1e14, q0, u0))
+    e = np.sqrt(f)
+    mean = np.array([3.0, 0.004, -0.003])
+    cov = _random_covariance(rng, 1, sigmas=(0.5, 4e-4, 3e-4))[0]
+    r = stokes_from_fluxes(*f, *e, q_inst=mean[1], u_inst=mean[2], angle_zero=mean[0],
+                           calibration_covariance=cov)
+    draws = rng.multivariate_normal(mean, cov, 4000)
+    qu = np.array([_calibrated_qu(f, e, *d) for d in draws])  # (draws, 2, sources)
+    np.testing.assert_allclose(qu[:, 0].std(axis=0), r.q_err, rtol=0.05)
+    np.testing.assert_allclose(qu[:, 1].std(axis=0), r.u_err, rtol=0.05)
+    corr = [np.corrcoef(qu[:, 0, k], qu[:, 1, k])[0, 1] for k in range(len(q0))]
+    np.testing.assert_allclose(corr, r.qu_corr_cal, atol=0.05)
+    p = np.hypot(qu[:, 0], qu[:, 1])
+    theta = 0.5 * np.degrees(np.arctan2(qu[:, 1], qu[:, 0]))
+    dtheta = (theta - np.median(theta, axis=0) + 90) % 180 - 90
+    np.testing.assert_allclose(p.std(axis=0), r.p_err, rtol=0.06)
+    np.testing.assert_allclose(dtheta.std(axis=0), r.theta_err, rtol=0.06)
+
+
+def test_angle_zero_error_moves_theta_not_p():
+    """An uncertain zero point alone: theta_err grows by it in quadrature, p_err is the
+    statistical one (the q-u correlation it brings keeps it out of p)."""
+    f = fluxes(1e8, 0.02, 0.02)
+    e = np.sqrt(f)
+    sigma = 0.4  # deg
+    r = stokes_from_fluxes(*f, *e, calibration_covariance=np.diag([sigma**2, 0.0, 0.0]))
+    plain = stokes_from_fluxes(*f, *e)
+    assert float(r.p_err) == pytest.approx(float(plain.p_err), rel=1e-9)
+    # (up to the debiasing of p, which the perpendicular noise sets)
+    assert float(r.theta_err) == pytest.approx(np.hypot(float(plain.theta_err), sigma), rel=1e-3)
+    assert float(r.qu_corr_cal) == pytest.approx(-1.0)
+    k = np.radians(2.0)
+    assert float(r.q_err_cal) == pytest.approx(k * 0.02 * sigma)
+
+
+def test_stokes_from_qu_with_correlated_errors():
+    plain = stokes_from_qu(0.03, 0.001, -0.02, 0.002)
+    zero = stokes_from_qu(0.03, 0.001, -0.02, 0.002, qu_cov=0.0)
+    for name in ("p_err", "p_debiased", "theta_err", "snr"):
+        assert getattr(zero, name) == pytest.approx(getattr(plain, name), rel=1e-12)
+    rng = np.random.default_rng(14)
+    cov = np.array([[1e-6, 1.2e-6], [1.2e-6, 4e-6]])
+    qu = rng.multivariate_normal([0.03, -0.02], cov, 20000)
+    r = stokes_from_qu(0.03, 1e-3, -0.02, 2e-3, qu_cov=1.2e-6)
+    assert np.hypot(qu[:, 0], qu[:, 1]).std() == pytest.approx(float(r.p_err), rel=0.03)
+    theta = 0.5 * np.degrees(np.arctan2(qu[:, 1], qu[:, 0]))
+    assert theta.std() == pytest.approx(float(r.theta_err), rel=0.03)
+
+
 def test_nkc_limits():
     assert nkc_angle_dispersion(0.0) == pytest.approx(90 / np.sqrt(3), abs=1e-3)  # 51.96
     snr = np.linspace(0, 30, 301)
@@ -275,6 +399,58 @@ def test_stokes_table_calibration(robopol):
     assert t["q"][0] == pytest.approx(0.02 * np.cos(np.radians(20)))
     assert t["theta"][0] == pytest.approx(10.0)
     assert t.meta["angle_zero"] == 10.0 and t.meta["q_inst_coeffs"][0] == 0.01
+
+
+def _calibration(**changes):
+    from robopol_clean.calibration import Calibration
+
+    values = dict(instrument="RoboPol", angle_zero=2.0, q_inst=(0.003, 0.001), u_inst=(-0.002, 0.0),
+                  terms=("1", "x"), center=(1024.0, 1024.0), scale=1024.0,
+                  parameters=("angle_zero", "q_inst[1]", "q_inst[x]", "u_inst[1]"),
+                  covariance=((0.09, 0.0, 0.0, 1e-5), (0.0, 9e-8, 1e-8, 0.0),
+                              (0.0, 1e-8, 4e-8, 0.0), (1e-5, 0.0, 0.0, 1.6e-7)))
+    values.update(changes)
+    return Calibration(**values)
+
+
+def test_stokes_table_with_a_calibration_covariance(robopol):
+    cal = _calibration()
+    prof = cal.apply(robopol)
+    groups, spots = _tables(prof, [0.03, -0.01, 0.0], [0.01, 0.02, -0.03])
+    plain = stokes_table(groups, spots, prof)
+    t = stokes_table(groups, spots, prof, calibration=cal)
+    assert t.colnames == plain.colnames[:13] + ["q_err_stat", "u_err_stat", "q_err_cal",
+                                                "u_err_cal", "qu_corr_cal"] + plain.colnames[13:]
+    np.testing.assert_array_equal(t["q_err_stat"], plain["q_err"])
+    np.testing.assert_array_equal(t["q"], plain["q"])
+    # the calibration's error at each source: its covariance through the map at (x, y)
+    expected = stokes_from_fluxes(
+        *(np.asarray(t[f"flux_{prof.channel_at_angle(a)}"]) for a in (0.0, 45.0, 90.0, 135.0)),
+        *(np.sqrt(np.asarray(t[f"flux_{prof.channel_at_angle(a)}"])) for a in (0.0, 45.0, 90.0, 135.0)),
+        q_inst=prof.instrumental_qu(t["x"], t["y"])[0], u_inst=prof.instrumental_qu(t["x"], t["y"])[1],
+        angle_zero=cal.angle_zero, calibration_covariance=cal.covariance_at(t["x"], t["y"]))
+    np.testing.assert_allclose(t["q_err_cal"], expected.q_err_cal, rtol=1e-12)
+    assert np.all(t["q_err"] > t["q_err_stat"]) and t["q_err_cal"].description
+    assert "calibration in quadrature" in t["q_err"].description and "calibration_errors" in t.meta
+    assert "calibration_errors" not in plain.meta
+    # a detector region: positions and the normalisation move together, the errors stay
+    region = prof.for_region(300.0, 200.0)
+    moved = groups.copy()
+    moved["x"] -= 300.0
+    moved["y"] -= 200.0
+    np.testing.assert_allclose(stokes_table(moved, spots, region, calibration=cal)["q_err_cal"],
+                               t["q_err_cal"], rtol=1e-12)
+    # no covariance (a file without one): nothing changes, no columns
+    bare = _calibration(parameters=(), covariance=())
+    same = stokes_table(groups, spots, prof, calibration=bare)
+    assert same.colnames == plain.colnames and same.meta == plain.meta
+    for col in plain.colnames:
+        np.testing.assert_array_equal(same[col], plain[col])
+    # empty tables keep the columns
+    assert "q_err_cal" in stokes_table(groups[:0], spots, prof, calibration=cal).colnames
+    # the profile must hold the calibration's values
+    with pytest.raises(ValueError, match="apply it first"):
+        stokes_table(groups, spots, robopol, calibration=cal)
 
 
 def test_stokes_table_crowded_column(robopol):

@@ -37,7 +37,6 @@ Also measured:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -100,6 +99,22 @@ def profile_frame(clf, clf_name: str, *, n_stars: int = 800, seed: int = 7, repe
             "warmup": warmup, "classifier": clf_name, "photometry": photometry}
 
 
+#: Runs argv[1:], prints its wall time (s) and peak resident memory (KiB), exits with its status.
+_LAUNCHER = """
+import os, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - t0
+code = os.waitstatus_to_exitcode(status)
+if code:
+    sys.stderr.write(err.decode(errors="replace"))
+print(wall, usage.ru_maxrss)
+sys.exit(code)
+"""
+
+
 def cold_command_line(n_stars: int = 800, seed: int = 7, repeat: int = 3) -> dict:
     """Wall time and peak memory of ``robopol-clean reduce one.fits -o OUT`` in a new process."""
     import shutil
@@ -116,18 +131,17 @@ def cold_command_line(n_stars: int = 800, seed: int = 7, repeat: int = 3) -> dic
         frame = Path(tmp) / "one.fits"
         sim.ccd.write(frame)
         for i in range(repeat):
-            err = Path(tmp) / f"stderr{i}.txt"
-            with Timer() as t, open(err, "w") as fh:
-                proc = subprocess.Popen([*cmd, "reduce", str(frame), "-o", str(Path(tmp) / f"out{i}"),
-                                         "-q"], stdout=subprocess.DEVNULL, stderr=fh)
-                # wait4: this command's own resource usage (ru_maxrss in KiB on Linux),
-                # not the largest of every child this process ever had
-                _, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode != 0:
-                raise RuntimeError(f"robopol-clean reduce failed: {err.read_text().strip()[-300:]}")
-            walls.append(t.s)
-            rss.append(usage.ru_maxrss / 1024)
+            # A small launcher starts the command and reports its wall time and peak memory
+            # (wait4's ru_maxrss, KiB on Linux): started from this (large) process directly,
+            # the child's peak would include this process's memory, shared until exec.
+            argv = [*cmd, "reduce", str(frame), "-o", str(Path(tmp) / f"out{i}"), "-q"]
+            done = subprocess.run([sys.executable, "-c", _LAUNCHER, *argv], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"robopol-clean reduce failed: {done.stderr.strip()[-300:]}")
+            wall, maxrss_kib = done.stdout.split()
+            walls.append(float(wall))
+            rss.append(int(maxrss_kib) / 1024)
             with Timer() as ti:
                 subprocess.run([sys.executable, "-c", "import robopol_clean.pipeline"], check=True)
             imports.append(ti.s)

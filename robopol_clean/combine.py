@@ -76,7 +76,7 @@ from scipy.spatial import cKDTree
 from scipy.stats import chi2 as chi2_distribution
 
 from ._version_info import __commit__, __version__
-from .config import ConfigError, _Settings
+from .config import _Settings, read_settings_file
 from .quality import CombineFlag, combined_flags_description
 from .stokes import stokes_from_qu
 
@@ -194,16 +194,7 @@ def load_combine_config(path: str | os.PathLike) -> CombineConfig:
     ConfigError
         The file cannot be read, is not TOML, or holds an unknown key or a bad value.
     """
-    import tomllib
-
-    path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration ({exc.strerror or exc})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not a valid TOML file ({exc})") from None
-    return CombineConfig.from_dict(values, where=str(path))
+    return CombineConfig.from_dict(read_settings_file(path), where=str(path))
 
 
 @dataclass

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ReductionConfig", "CueConfig", "PhotometryConfig", "ConfigError",
-           "PHOTOMETRY_METHODS", "load_config", "as_reduction_config"]
+           "PHOTOMETRY_METHODS", "load_config", "read_settings_file", "as_reduction_config"]
 
 #: Photometry methods :func:`~robopol_clean.pipeline.reduce_frame` offers.
 PHOTOMETRY_METHODS = ("psf", "aperture")
@@ -317,13 +317,23 @@ def load_config(path: str | os.PathLike) -> ReductionConfig:
         The file cannot be read, is not TOML, or holds an unknown key or a bad value;
         the message names the file.
     """
+    return ReductionConfig.from_dict(read_settings_file(path), where=str(path))
+
+
+def read_settings_file(path: str | os.PathLike) -> dict:
+    """The TOML table of a settings file, for a settings class's ``from_dict``.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or is not TOML; the message names the file.
+    """
     import tomllib
 
     path = Path(path)
     try:
-        values = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not a valid TOML file ({exc})") from None
-    return ReductionConfig.from_dict(values, where=str(path))

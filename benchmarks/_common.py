@@ -119,6 +119,23 @@ def fmt(value, digits: int = 3) -> str:
 # ---------------------------------------------------------------------------------
 # Machine
 # ---------------------------------------------------------------------------------
+def output_paths(parser, args, committed: dict[str, Path], complete: bool, what: str) -> None:
+    """Resolve ``--json``/``--rst``-style options: where results go.
+
+    A run that ``complete``-ly reproduces the committed results writes them by default;
+    any other run writes nothing unless its options say where, and may never name a
+    committed file. ``committed`` maps option names (attributes of ``args``) to the
+    committed paths; ``what`` names the full run in the error message.
+    """
+    for option, path in committed.items():
+        given = getattr(args, option)
+        if given is None:
+            setattr(args, option, str(path) if complete else "")
+        elif given and not complete and Path(given).resolve() == path:
+            parser.error(f"--{option} {given}: only {what} writes the committed results; "
+                         f"give another path")
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -66,6 +66,7 @@ from _common import (  # noqa: E402
     log,
     machine_description,
     machine_line,
+    output_paths,
 )
 from bench_calibration import INJECTED  # noqa: E402
 from seeds import SEEDS  # noqa: E402
@@ -256,9 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to write the numbers (full run: benchmarks/results/"
                              "combine.json; quick: not written unless given)")
     args = parser.parse_args(argv)
-    path = args.json if args.json is not None else ("" if args.quick else str(COMMITTED_JSON))
-    if args.quick and path and Path(path).resolve() == COMMITTED_JSON:
-        parser.error("--quick does not write the committed results; give another path")
+    output_paths(parser, args, {"json": COMMITTED_JSON}, not args.quick, "the full run")
+    path = args.json
     machine = machine_description()
     t0 = time.perf_counter()
     results = run(args.quick)

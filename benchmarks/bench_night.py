@@ -72,6 +72,7 @@ from _common import (  # noqa: E402
     log,
     machine_description,
     machine_line,
+    output_paths,
     rst_preamble,
 )
 
@@ -616,13 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     if n < 2:
         parser.error("--n-frames must be at least 2")
     full = n == FULL_NIGHT and args.seed == NIGHT_SEED
-    for option, committed in (("json", COMMITTED_JSON), ("rst", COMMITTED_RST)):
-        given = getattr(args, option)
-        if given is None:
-            setattr(args, option, str(committed) if full else "")
-        elif given and not full and Path(given).resolve() == committed:
-            parser.error(f"--{option} {given}: only the full {FULL_NIGHT}-frame night writes the "
-                         f"committed results; give another path")
+    output_paths(parser, args, {"json": COMMITTED_JSON, "rst": COMMITTED_RST}, full,
+                 f"the full {FULL_NIGHT}-frame night")
     timeout = args.timeout or 60 + 20 * n
 
     t_start = time.perf_counter()

@@ -45,6 +45,7 @@ from _common import (  # noqa: E402
     command_line,
     log,
     machine_description,
+    output_paths,
     render_rst,
     render_text,
 )
@@ -87,13 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     keys = [k for k in SECTIONS if k in keys]
     complete = not args.quick and keys == list(SECTIONS)
-    for option, committed in (("json", COMMITTED_JSON), ("rst", COMMITTED_RST)):
-        given = getattr(args, option)
-        if given is None:
-            setattr(args, option, str(committed) if complete else "")
-        elif given and not complete and Path(given).resolve() == committed:
-            parser.error(f"--{option} {given}: only a full run of every section writes the "
-                         f"committed results; give another path")
+    output_paths(parser, args, {"json": COMMITTED_JSON, "rst": COMMITTED_RST}, complete,
+                 "a full run of every section")
 
     t0 = time.perf_counter()
     machine = machine_description()

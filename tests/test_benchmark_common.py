@@ -36,3 +36,24 @@ def test_roc_auc_is_scikit_learns(common):
     s_big[:10], s_big[10:20] = 1e9, -1e9
     assert common.roc_auc(y, s_inf) == pytest.approx(roc_auc_score(y, s_big), abs=1e-12)
     assert np.isnan(common.roc_auc(np.ones(5), np.arange(5.0)))
+
+
+def test_only_a_complete_run_writes_the_committed_results(common, tmp_path, capsys):
+    import argparse
+
+    committed = {"json": (tmp_path / "latest.json").resolve(), "rst": (tmp_path / "t.rst").resolve()}
+
+    def resolve(argv, complete):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--json", default=None)
+        parser.add_argument("--rst", default=None)
+        args = parser.parse_args(argv)
+        common.output_paths(parser, args, committed, complete, "a full run")
+        return args.json, args.rst
+
+    assert resolve([], True) == (str(committed["json"]), str(committed["rst"]))
+    assert resolve([], False) == ("", "")  # a partial run writes nothing by default
+    assert resolve(["--json", str(tmp_path / "mine.json")], False) == (str(tmp_path / "mine.json"), "")
+    with pytest.raises(SystemExit):
+        resolve(["--json", str(committed["json"])], False)
+    assert "only a full run writes the committed results" in capsys.readouterr().err

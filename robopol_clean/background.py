@@ -25,23 +25,12 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .instrument import InstrumentProfile
-from .masking import dilate_mask
+from .masking import dilate_mask, unusable_pixels
 
 __all__ = ["estimate_background"]
 
 #: mad_std's scale: the standard deviation of a Gaussian from its median absolute deviation.
 _MAD_TO_STD = 1.482602218505602
-
-
-def _bad_pixels(data: np.ndarray, mask) -> np.ndarray:
-    """Non-finite pixels of ``data``, OR-ed with ``mask`` (True = do not use)."""
-    bad = ~np.isfinite(data)
-    if mask is not None:
-        mask = np.asarray(mask, bool)
-        if mask.shape != data.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from the data shape {data.shape}")
-        bad |= mask
-    return bad
 
 
 # ---------------------------------------------------------------------------------
@@ -471,7 +460,7 @@ def estimate_background(data: np.ndarray, *, mask: np.ndarray | None = None,
     data = np.asarray(data, np.float32)
     if data.ndim != 2:
         raise ValueError(f"estimate_background needs a 2-D frame, got {data.ndim}-D data")
-    bad = _bad_pixels(data, mask)
+    bad = unusable_pixels(data, mask)
     if bad.all():
         raise ValueError("estimate_background: no finite, unmasked pixels in the frame")
     ny, nx = data.shape

@@ -31,9 +31,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .background import _bad_pixels, estimate_background
+from .background import estimate_background
 from .cutouts import extract_cutouts
 from .instrument import InstrumentProfile
+from .masking import unusable_pixels
 
 __all__ = [
     "SPOT_COLUMNS",
@@ -239,7 +240,7 @@ def detect_spots(data: np.ndarray, *, profile: InstrumentProfile | None, mask: n
         raise ValueError(f"detect_spots needs a 2-D frame, got {data.ndim}-D data")
     if data.size == 0:
         raise ValueError("detect_spots: empty frame")
-    bad = _bad_pixels(data, mask)
+    bad = unusable_pixels(data, mask)
     shape = data.shape
     if fwhm is None:
         fwhm = float(profile.fwhm) if profile is not None else 4.0

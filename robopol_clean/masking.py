@@ -16,8 +16,38 @@ __all__ = [
     "dilate_mask",
     "footprint_mask",
     "combine_masks",
+    "unusable_pixels",
     "apertures_touch_mask",
 ]
+
+def unusable_pixels(data: np.ndarray, mask=None) -> np.ndarray:
+    """The pixels no measurement may use: non-finite ones OR-ed with ``mask``.
+
+    Parameters
+    ----------
+    data : ndarray
+        2-D image.
+    mask : array-like of bool, optional
+        True = do not use; same shape as ``data``.
+
+    Returns
+    -------
+    ndarray of bool
+        A new array; the inputs are not modified.
+
+    Raises
+    ------
+    ValueError
+        If ``mask`` has another shape than ``data``.
+    """
+    bad = ~np.isfinite(data)
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.shape != data.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from data shape {data.shape}")
+        bad |= mask
+    return bad
+
 
 def disk_structure(radius: int) -> np.ndarray:
     """Boolean disk of ``radius`` pix (shape ``2 radius + 1`` square) for dilation."""

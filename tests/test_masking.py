@@ -7,6 +7,7 @@ from robopol_clean.masking import (
     dilate_mask,
     disk_structure,
     footprint_mask,
+    unusable_pixels,
 )
 
 
@@ -111,3 +112,16 @@ def test_dilate_mask_matches_binary_dilation(structure, fraction):
     np.testing.assert_array_equal(out, ndimage.binary_dilation(mask, structure=structure))
     assert out is not mask and np.array_equal(mask, before)  # input untouched
     assert not dilate_mask(np.zeros((5, 5), bool), structure).any()
+
+
+def test_unusable_pixels_ors_non_finite_with_the_mask():
+    data = np.ones((3, 4))
+    data[0, 1], data[2, 3] = np.nan, np.inf
+    mask = np.zeros((3, 4), bool)
+    mask[1, 2] = True
+    bad = unusable_pixels(data, mask)
+    assert bad.sum() == 3 and bad[0, 1] and bad[2, 3] and bad[1, 2]
+    assert mask.sum() == 1 and bad is not mask  # inputs untouched
+    assert unusable_pixels(data).sum() == 2
+    with pytest.raises(ValueError, match="mask shape"):
+        unusable_pixels(data, np.zeros((2, 2), bool))

@@ -44,6 +44,8 @@ from astropy.stats import SigmaClip
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
+from ..masking import unusable_pixels
+
 __all__ = [
     "APERTURE_FWHM_FACTOR",
     "ANNULUS_RADIUS_FACTORS",
@@ -291,14 +293,9 @@ def measure_spots(
     if labels.shape != x.shape:
         raise ValueError(f"labels must have one entry per spot, got {labels.size} for {n} spots")
 
-    bad = ~np.isfinite(data)
+    bad = unusable_pixels(data, mask)
     if sky_map is not None:
         bad |= ~(np.isfinite(sky_map) & (sky_map > 0))
-    if mask is not None:
-        mask = np.asarray(mask, bool)
-        if mask.shape != data.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from data shape {data.shape}")
-        bad |= mask
     grow = int(np.ceil(float(fwhm) / 2)) if segmentation_grow is None else int(
         np.ceil(float(segmentation_grow)))
     code = _pixel_codes(bad, segmentation, grow)

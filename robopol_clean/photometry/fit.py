@@ -55,6 +55,7 @@ from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from ..masking import unusable_pixels
 from .aperture import _checked_inputs, _gather, clipped_sky
 from .psf import PSFModel, _StampSampler
 
@@ -163,12 +164,7 @@ def fit_spots(
 
     bkg = np.asarray(background)
     bkg = np.broadcast_to(bkg if bkg.dtype.kind == "f" else bkg.astype(np.float64), data.shape)
-    bad = ~np.isfinite(data)
-    if mask is not None:
-        mask = np.asarray(mask, bool)
-        if mask.shape != data.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from data shape {data.shape}")
-        bad |= mask
+    bad = unusable_pixels(data, mask)
     sat = np.zeros(data.shape, bool)
     if saturation is not None and np.isfinite(saturation):
         with np.errstate(invalid="ignore"):
